@@ -1,0 +1,409 @@
+"""Every fastargs Section of the project, and the strictness fastargs 1.2.0 lacks.
+
+fastargs silently ignores unknown keys, reads `bool("False")` as True, exits with status 0 on a
+validation failure and reads `sys.argv` itself (see ../shared/notes/stack.md). `load_config` fixes all
+four: unknown keys are errors naming the closest valid key, booleans accept only 0/1/true/false,
+validation failures raise `UserError` (exit status 1 at the entry points), and tests pass arguments
+explicitly. Library code never reads the config: entry points and `build_*` functions do.
+"""
+import difflib
+import json
+import math
+import os
+import sys
+
+import yaml
+from fastargs import Config, Param, Section, set_current_config
+from fastargs.validation import Checker
+
+from hjepa.errors import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Checkers (fastargs' own Int/Bool coerce too eagerly: int(3.7) == 3, bool("False") is True)
+
+
+class Boolean(Checker):
+    def check(self, value):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+            return value.strip().lower() in ("1", "true")
+        raise ValueError(value)
+
+    def help(self):
+        return "0/1/true/false"
+
+
+class Integer(Checker):
+    def __init__(self, min=-math.inf, max=math.inf):
+        self.min, self.max = min, max
+
+    def check(self, value):
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        value = int(value)
+        if not self.min <= value <= self.max:
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return "an integer" + _range_text(self.min, self.max)
+
+
+class Number(Checker):
+    def __init__(self, min=-math.inf, max=math.inf):
+        self.min, self.max = min, max
+
+    def check(self, value):
+        if isinstance(value, bool):
+            raise ValueError(value)
+        value = float(value)
+        if math.isnan(value) or not self.min <= value <= self.max:
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return "a number" + _range_text(self.min, self.max)
+
+
+class Choice(Checker):
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def check(self, value):
+        if value not in self.choices:
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return "one of " + "|".join(self.choices)
+
+
+class Text(Checker):
+    def check(self, value):
+        if isinstance(value, (dict, list)):
+            raise ValueError(value)
+        return str(value)
+
+    def help(self):
+        return "a string"
+
+
+class NumberList(Checker):
+    """Comma-separated numbers, e.g. `1.0,0.5,0.25` (fastargs has no list type). Empty = []."""
+
+    def check(self, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [float(value)]
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [s for s in str(value).replace(" ", "").split(",") if s]
+        numbers = [float(x) for x in items]
+        if any(math.isnan(x) or math.isinf(x) for x in numbers):
+            raise ValueError(value)
+        return numbers
+
+    def help(self):
+        return "comma-separated numbers"
+
+
+def _range_text(lo, hi):
+    if lo == -math.inf and hi == math.inf:
+        return ""
+    if hi == math.inf:
+        return f" >= {lo}"
+    if lo == -math.inf:
+        return f" <= {hi}"
+    return f" in [{lo}, {hi}]"
+
+
+def _p(checker, desc, default=None, required=False):
+    return Param(checker, desc, default=default, required=required)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+def _declare_sections(cfg):
+    def section(name, desc):
+        return Section(name, desc, config_descriptor=cfg)
+
+    section("data", "training/eval data through FFCV").params(
+        train_dataset=_p(Text(), "path to the training .beton", default=""),
+        val_dataset=_p(Text(), "path to the validation .beton (k-NN monitor)", default=""),
+        image_size=_p(Integer(16, 1024), "crop side in pixels fed to the model", default=224),
+        crop_scale_min=_p(Number(0.01, 1.0), "random-resized-crop min area fraction (I-JEPA: 0.3)", default=0.8),
+        crop_scale_max=_p(Number(0.01, 1.0), "random-resized-crop max area fraction", default=1.0),
+        flip=_p(Boolean(), "random horizontal flip", default=True),
+        color_jitter=_p(Number(0.0, 1.0), "brightness/contrast/saturation jitter strength, 0 disables", default=0.0),
+        batch_size=_p(Integer(1), "images per step per GPU (per process)", default=256),
+        num_workers=_p(Integer(1, 256), "FFCV decoding threads per process", default=8),
+        in_memory=_p(Boolean(), "1: read the whole beton into RAM; 0: stream through the OS cache", default=True),
+        order=_p(Choice("random", "quasi_random", "weighted", "balanced"),
+                 "traversal order; weighted/balanced use data.mixture", default="random"),
+        seed=_p(Integer(0), "seed of the sample order and augmentations", default=0),
+        mixture=_p(Text(), "member weights, e.g. imagenet100:0.6,stl10:0.25,cifar100:0.15", default=""),
+        epoch_samples=_p(Integer(-1), "samples per epoch for weighted orders; -1 = sum of member sizes", default=-1),
+    )
+    section("model", "H-JEPA model").params(
+        arch=_p(Choice("vit_tiny", "vit_small", "vit_base", "vit_large"), "encoder size", default="vit_small"),
+        patch_size=_p(Integer(1, 64), "patch side in pixels", default=16),
+        drop_path=_p(Number(0.0, 1.0), "stochastic depth rate of the context encoder", default=0.0),
+        predictor_embed_dim=_p(Integer(8), "predictor width", default=384),
+        predictor_depth=_p(Integer(1), "predictor blocks (I-JEPA: 12)", default=6),
+        predictor_num_heads=_p(Integer(1), "predictor attention heads", default=6),
+        num_levels=_p(Integer(1, 6), "hierarchy levels; level h pools 2^h x 2^h patches", default=3),
+        level_weights=_p(NumberList(), "loss weight per level, comma-separated", default="1.0,0.5,0.25"),
+        level_depths=_p(NumberList(), "target-encoder block per level (1-based), empty = final block", default=""),
+        loss=_p(Choice("smooth_l1", "mse"), "per-level regression loss", default="smooth_l1"),
+    )
+    section("masking", "I-JEPA multi-block masks on the patch grid").params(
+        num_targets=_p(Integer(1, 16), "target blocks per image", default=4),
+        target_scale_min=_p(Number(0.0, 1.0), "target block min area fraction", default=0.15),
+        target_scale_max=_p(Number(0.0, 1.0), "target block max area fraction", default=0.2),
+        target_aspect_min=_p(Number(0.01, 100.0), "target block min aspect ratio (h/w)", default=0.75),
+        target_aspect_max=_p(Number(0.01, 100.0), "target block max aspect ratio (h/w)", default=1.5),
+        context_scale_min=_p(Number(0.0, 1.0), "context block min area fraction", default=0.85),
+        context_scale_max=_p(Number(0.0, 1.0), "context block max area fraction", default=1.0),
+        context_aspect=_p(Number(0.01, 100.0), "context block aspect ratio", default=1.0),
+        allow_overlap=_p(Boolean(), "let the context keep target patches", default=False),
+        min_keep=_p(Integer(1), "minimum patches in any block", default=10),
+    )
+    section("optim", "AdamW, schedules").params(
+        lr=_p(Number(0.0), "peak learning rate per 256 images (scaled by total batch / 256)", default=5e-4),
+        warmup_epochs=_p(Number(0.0), "linear warmup length in epochs", default=10),
+        warmup_start_factor=_p(Number(0.0, 1.0), "warmup starts at this fraction of the peak lr", default=0.2),
+        min_lr=_p(Number(0.0), "final learning rate of the cosine (absolute)", default=1e-6),
+        weight_decay=_p(Number(0.0), "weight decay at step 0 (cosine to final_weight_decay)", default=0.04),
+        final_weight_decay=_p(Number(0.0), "weight decay at the last step", default=0.4),
+        beta1=_p(Number(0.0, 1.0), "AdamW beta1", default=0.9),
+        beta2=_p(Number(0.0, 1.0), "AdamW beta2", default=0.95),
+        clip_grad=_p(Number(0.0), "max global grad norm, 0 disables", default=0.0),
+        ema_start=_p(Number(0.0, 1.0), "target-encoder EMA momentum at step 0", default=0.996),
+        ema_end=_p(Number(0.0, 1.0), "target-encoder EMA momentum at the last step", default=1.0),
+    )
+    section("training", "run length, checkpoints").params(
+        epochs=_p(Integer(1), "training epochs", default=100),
+        max_steps=_p(Integer(-1), "stop after this many steps in total (-1 = no limit)", default=-1),
+        seed=_p(Integer(0), "seed of model init and masks", default=0),
+        checkpoint_every=_p(Integer(1), "save a checkpoint every this many epochs", default=10),
+        keep_checkpoints=_p(Integer(0), "epoch checkpoints kept besides checkpoint.pt", default=2),
+        resume=_p(Text(), "checkpoint path, or 'auto' for <run folder>/checkpoint.pt", default=""),
+        deterministic=_p(Boolean(), "deterministic algorithms (slower; for exact resume tests)", default=False),
+    )
+    section("hardware", "devices and speed").params(
+        device=_p(Choice("auto", "cpu", "cuda"), "auto = cuda when present", default="auto"),
+        distributed=_p(Boolean(), "torch.distributed via torchrun (NCCL on GPU, gloo on CPU)", default=False),
+        compile=_p(Boolean(), "torch.compile the model", default=False),
+        bf16=_p(Boolean(), "bf16 autocast on CUDA (always fp32 on CPU)", default=True),
+        peak_tflops=_p(Number(0.0), "accelerator peak dense TFLOP/s for MFU (A100 bf16: 312)", default=312.0),
+        num_threads=_p(Integer(0), "torch intra-op threads, 0 = torch default", default=0),
+    )
+    section("logging", "run folder and metrics").params(
+        folder=_p(Text(), "parent folder of run folders", default="runs"),
+        run_name=_p(Text(), "run folder name; empty = <time>-<id>", default=""),
+        log_every=_p(Integer(1), "steps between metric lines (each is a device sync)", default=50),
+        eval_every=_p(Integer(0), "epochs between k-NN monitors, 0 disables", default=0),
+        progress=_p(Boolean(), "progress bars", default=True),
+        plots=_p(Boolean(), "draw PNG curves and mask grids into the run folder", default=True),
+    )
+    section("eval", "linear probe and k-NN of a frozen encoder").params(
+        checkpoint=_p(Text(), "training checkpoint (.pt)", default=""),
+        train_dataset=_p(Text(), "beton the probe is trained on", default=""),
+        val_dataset=_p(Text(), "beton the probe is evaluated on", default=""),
+        encoder=_p(Choice("target", "context"), "which encoder of the checkpoint", default="target"),
+        last_k_blocks=_p(Integer(1), "concatenate pooled outputs of the last k blocks", default=1),
+        random_init=_p(Boolean(), "probe an untrained encoder of the same architecture", default=False),
+        epochs=_p(Integer(1), "probe training epochs", default=100),
+        lr=_p(Number(0.0), "probe learning rate (SGD, cosine)", default=0.1),
+        weight_decay=_p(Number(0.0), "probe weight decay", default=0.0),
+        batch_size=_p(Integer(1), "probe batch size on cached features", default=1024),
+        extract_batch_size=_p(Integer(1), "batch size for feature extraction", default=256),
+        num_workers=_p(Integer(1, 256), "FFCV threads for feature extraction", default=8),
+        image_size=_p(Integer(0), "eval crop side; 0 = the checkpoint's training size", default=0),
+        knn_k=_p(Integer(1), "neighbours for k-NN", default=20),
+        knn_temperature=_p(Number(0.0), "k-NN vote temperature", default=0.07),
+        cache_dir=_p(Text(), "feature cache folder; empty = next to the checkpoint", default=""),
+        out=_p(Text(), "results JSON; empty = next to the checkpoint", default=""),
+        seed=_p(Integer(0), "probe seed", default=0),
+    )
+    section("bench", "benchmarks").params(
+        data_dir=_p(Text(), "ImageNet-style folder; empty = generate one", default=""),
+        num_images=_p(Integer(1), "images to generate when no folder is given", default=2000),
+        num_workers=_p(Integer(0), "worker processes/threads for every pipeline; 0 = all cores", default=0),
+        batch_size=_p(Integer(1), "batch size for every pipeline", default=64),
+        epochs=_p(Integer(1), "timed epochs (after one warm-up epoch)", default=2),
+        steps=_p(Integer(1), "timed training steps", default=20),
+        warmup_steps=_p(Integer(0), "untimed steps first (compilation, autotuning)", default=5),
+        out=_p(Text(), "JSON results file", default=""),
+        work_dir=_p(Text(), "scratch folder for generated data and betons", default="bench_data"),
+    )
+    section("cfg", "dataset writers").params(
+        data_dir=_p(Text(), "source dataset folder", default=""),
+        split=_p(Text(), "split to write (train, val, test, unlabeled, train+unlabeled)", default="train"),
+        write_path=_p(Text(), "output .beton path", default=""),
+        max_resolution=_p(Integer(8), "longest side stored, pixels", default=256),
+        jpeg_quality=_p(Integer(1, 100), "JPEG quality of stored images", default=90),
+        write_mode=_p(Choice("jpg", "raw", "proportion"), "image storage mode", default="jpg"),
+        compress_probability=_p(Number(0.0, 1.0), "JPEG fraction in proportion mode", default=0.5),
+        num_workers=_p(Integer(1, 256), "writer processes", default=max(1, os.cpu_count() or 1)),
+        chunk_size=_p(Integer(1), "samples per writer chunk", default=100),
+        subset=_p(Integer(-1), "write only the first N samples (-1 = all)", default=-1),
+        allow_missing_classes=_p(Boolean(), "write ImageNet-100 even when classes are absent", default=False),
+        max_bad_fraction=_p(Number(0.0, 1.0), "fail when more unreadable images than this", default=0.001),
+        download=_p(Boolean(), "fetch CIFAR/STL archives with torchvision's helper", default=False),
+        members=_p(Text(), "multi.py: name=path.beton,name=path.beton,...", default=""),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def known_keys(cfg):
+    return sorted(".".join(path) for path in cfg.entries)
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_known(cfg, flat, where):
+    valid = known_keys(cfg)
+    for key in flat:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _read_config_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f)  # JSON is YAML too; safe_load never builds Python objects
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    return _flatten(tree)
+
+
+def parse_argv(argv):
+    """Split `--config-file F` / `-C F` and `--section.param=value` (or `--section.param value`)."""
+    config_files, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config-file", "-C") or arg.startswith("--config-file="):
+            if "=" in arg:
+                config_files.append(arg.split("=", 1)[1])
+            elif i + 1 < len(argv):
+                config_files.append(argv[i + 1])
+                i += 1
+            else:
+                raise UserError(f"{arg} needs a file path")
+        elif arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            overrides[key] = value
+        elif arg.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides[arg[2:]] = argv[i + 1]
+            i += 1
+        else:
+            raise UserError(f"cannot parse argument '{arg}': use --section.param=value or --config-file FILE")
+        i += 1
+    return config_files, overrides
+
+
+def load_config(config_files=(), overrides=None, argv=None):
+    """Build, check and return a fresh fastargs Config (also made the current one for @param).
+
+    Precedence: defaults < config files (in order) < overrides < argv. Never reads sys.argv or the
+    environment by itself. Raises UserError for an unknown key or an invalid value.
+    """
+    if isinstance(config_files, str):
+        config_files = [config_files]
+    config_files = list(config_files)
+    cli = {}
+    if argv is not None:
+        argv_files, cli = parse_argv(list(argv))
+        config_files += argv_files
+    cfg = Config()
+    _declare_sections(cfg)
+    for path in config_files:
+        flat = _read_config_file(path)
+        _check_known(cfg, flat, path)
+        cfg.collect(flat)
+    for where, flat in (("overrides", overrides or {}), ("command line", cli)):
+        _check_known(cfg, flat, where)
+        cfg.collect(flat)
+    _validate(cfg)
+    set_current_config(cfg)
+    return cfg
+
+
+def _validate(cfg):
+    errors = cfg.validate(mode="errordict")
+    if errors:
+        problems = []
+        for path, _ in errors.items():
+            key, param = ".".join(path), cfg.entries[path]
+            got = cfg.content.get(path)
+            problems.append(f"{key}={got!r} is invalid (expected {param.checker.help()})"
+                            if got is not None else f"{key} is required")
+        raise UserError("; ".join(problems))
+
+
+def config_from_cli(description, argv=None):
+    """Entry points: parse argv (sys.argv[1:] by default), handle --help, print the resolved table."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        cfg = Config()
+        _declare_sections(cfg)
+        print(description + "\n\nusage: --config-file FILE --section.param=value ...\n")
+        for key in known_keys(cfg):
+            param = cfg.entries[tuple(key.split("."))]
+            print(f"  --{key:<34} {param.desc} [{param.checker.help()}; default {param.default!r}]")
+        sys.exit(0)
+    return load_config(argv=argv)
+
+
+def config_as_dict(cfg, sections=None):
+    """The resolved config as {section: {param: value}}, optionally only some sections."""
+    tree = {}
+    for path in cfg.entries:
+        if sections is not None and path[0] not in sections:
+            continue
+        tree.setdefault(path[0], {})[".".join(path[1:])] = cfg[path]
+    return tree
+
+
+def format_config(cfg, sections=None):
+    """A two-column table of the resolved values, for printing at start."""
+    rows = [(f"{s}.{k}", v) for s, params in config_as_dict(cfg, sections).items() for k, v in params.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v!r}" for k, v in rows)
+
+
+def save_config(cfg, path, sections=None):
+    """Write the resolved config as JSON (params.json next to every output)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(config_as_dict(cfg, sections), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
