@@ -1,0 +1,96 @@
+"""Checkpoints: written atomically, read without pickle code execution, checked against the model.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so
+`torch.load(weights_only=True)` reads it (no arbitrary code runs from an untrusted file):
+    {"format": FORMAT, "model_config": build_model kwargs, "context_encoder", "target_encoder",
+     "predictor", "level_heads": state dicts, "optimizer": state dict, "step", "epoch",
+     "config": {section: {param: value}}, "rng": {...}, "sampler": {...}}
+"""
+import glob
+import os
+import re
+
+import torch
+
+from hjepa.errors import UserError
+
+FORMAT = "hjepa-checkpoint-v1"
+MODEL_PARTS = ("context_encoder", "target_encoder", "predictor", "level_heads")
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not path or not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path!r}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, a pickle with code in it: all the same to a user
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path} is not a readable hjepa checkpoint ({first_line})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not an hjepa checkpoint (no '{FORMAT}' format tag)")
+    return ckpt
+
+
+def architecture_differences(expected_config, found_config):
+    """The model_config keys whose values differ, as 'key: expected X, checkpoint has Y' strings."""
+    keys = sorted(set(expected_config) | set(found_config))
+    return [f"{k}: run has {expected_config.get(k)!r}, checkpoint has {found_config.get(k)!r}"
+            for k in keys if expected_config.get(k) != found_config.get(k)]
+
+
+def load_state_strict(module, state_dict, what, path):
+    """load_state_dict that turns a mismatch into one line listing the differing keys and shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if shapes:
+            parts.append("shape of " + _few([f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                                             for k in shapes]))
+        raise UserError(f"{path}: {what} does not match this architecture: " + "; ".join(parts))
+    module.load_state_dict(state_dict)
+
+
+def _few(items, n=4):
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def epoch_checkpoint_path(run_dir, epoch):
+    return os.path.join(run_dir, f"checkpoint_ep{epoch:04d}.pt")
+
+
+def prune_epoch_checkpoints(run_dir, keep):
+    """Delete all but the newest `keep` epoch checkpoints (checkpoint.pt, the latest, always stays)."""
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "checkpoint_ep*.pt")):
+        match = re.search(r"checkpoint_ep(\d+)\.pt$", path)
+        if match:
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found)[: max(0, len(found) - keep)]:
+        os.remove(path)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,59 @@
+"""One training step, shared by the training loop, the throughput benchmark and the tests."""
+import math
+
+import torch
+
+
+def build_optimizer(model, *, lr, weight_decay, betas):
+    """AdamW over the trainable parts; decay only on matrices (model.param_groups decides which)."""
+    groups = model.param_groups(weight_decay)
+    for group in groups:
+        group["apply_weight_decay"] = group["weight_decay"] > 0
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def set_optimizer_schedule(optimizer, *, lr, weight_decay):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("apply_weight_decay", True):
+            group["weight_decay"] = weight_decay
+
+
+def autocast_dtype(device, bf16):
+    """bf16 autocast on CUDA when asked; fp32 (no autocast) on the CPU."""
+    return torch.bfloat16 if (device.type == "cuda" and bf16) else None
+
+
+def train_step(model, forward, optimizer, images, masks, *, lr, weight_decay, momentum,
+               amp_dtype=None, clip_grad=0.0):
+    """One H-JEPA step. Returns the forward's tensors plus `grad_norm`, all still on the device.
+
+    `model` is the unwrapped HJEPA (for EMA and parameters); `forward` is what runs it: the model
+    itself, its DDP wrapper or its torch.compile'd version. Nothing here reads a tensor back to the
+    host, so the caller decides when to pay a device sync.
+    """
+    set_optimizer_schedule(optimizer, lr=lr, weight_decay=weight_decay)
+
+    # 1. targets (no grad, inside the model) and  2. predictions of every target block from the context
+    with torch.autocast(device_type=images.device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        out = forward(images, masks.ctx_idx, masks.tgt_idx, masks.tgt_shape)
+
+    # 3. loss, backward, step
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else math.inf)
+    optimizer.step()
+
+    # 4. EMA of the target encoder (identical on every rank: same params, same momentum)
+    model.update_target(momentum)
+    return out
+
+
+def masks_to_device(masks, device):
+    """Index tensors to the device, non-blocking (they come from pinned CPU memory or numpy)."""
+    return type(masks)(ctx_idx=masks.ctx_idx.to(device, non_blocking=True),
+                       tgt_idx=masks.tgt_idx.to(device, non_blocking=True),
+                       tgt_shape=masks.tgt_shape)

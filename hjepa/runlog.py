@@ -1,0 +1,54 @@
+"""The run folder: params.json, metrics.jsonl, the git commit, and where checkpoints live."""
+import json
+import os
+import secrets
+import subprocess
+import time
+
+from hjepa.errors import UserError
+
+
+def new_run_name():
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def git_commit(repo_dir=None):
+    """The commit the code runs at (with '+dirty' when tracked files differ), or 'unknown'."""
+    repo_dir = repo_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_dir, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_dir,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def make_run_dir(folder, run_name):
+    path = os.path.join(folder, run_name)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run folder {path}: {e.strerror}") from None
+    return path
+
+
+class MetricsLog:
+    """Append-only JSON lines; each line is flushed so a killed run keeps what it logged."""
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open(path, "a")
+
+    def write(self, record):
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self):
+        self._file.close()
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

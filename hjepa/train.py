@@ -1,0 +1,293 @@
+"""Pretrain an H-JEPA model on a .beton written by write_datasets/.
+
+    python hjepa/train.py --config-file rn_configs/a100_100ep.yaml [--data.train_dataset=PATH ...]
+    torchrun --nproc_per_node=8 hjepa/train.py --config-file rn_configs/a100_100ep.yaml --hardware.distributed=1
+
+Writes a run folder <logging.folder>/<time>-<id> (or <logging.run_name>) with params.json,
+metrics.jsonl, checkpoint.pt (always the latest) and PNG plots.
+"""
+import math
+import os
+import signal
+import sys
+import time
+
+if __package__ in (None, ""):  # run by path: `python hjepa/train.py` puts hjepa/ itself on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+from tqdm import tqdm
+
+from hjepa import checkpoint as ckpt_io
+from hjepa import schedules
+from hjepa.config import config_as_dict, config_from_cli, format_config, save_config
+from hjepa.data import build_train_loader, normalize_images
+from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
+from hjepa.errors import UserError, exit_on_user_error
+from hjepa.flops import mfu, train_flops_per_image
+from hjepa.masks import sample_masks
+from hjepa.model import build_model
+from hjepa.parallel import all_reduce_sum, broadcast_object, cleanup_distributed, init_distributed
+from hjepa.runlog import MetricsLog, git_commit, make_run_dir, new_run_name
+from hjepa.sampler import expected_counts_table
+
+
+def model_kwargs(cfg):
+    m = "model."
+    return dict(arch=cfg[m + "arch"], patch_size=cfg[m + "patch_size"], image_size=cfg["data.image_size"],
+                predictor_embed_dim=cfg[m + "predictor_embed_dim"], predictor_depth=cfg[m + "predictor_depth"],
+                predictor_num_heads=cfg[m + "predictor_num_heads"], num_levels=cfg[m + "num_levels"],
+                level_weights=cfg[m + "level_weights"], level_depths=cfg[m + "level_depths"],
+                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"])
+
+
+def mask_kwargs(cfg):
+    k = "masking."
+    return dict(num_targets=cfg[k + "num_targets"],
+                target_scale=(cfg[k + "target_scale_min"], cfg[k + "target_scale_max"]),
+                target_aspect=(cfg[k + "target_aspect_min"], cfg[k + "target_aspect_max"]),
+                context_scale=(cfg[k + "context_scale_min"], cfg[k + "context_scale_max"]),
+                context_aspect=cfg[k + "context_aspect"], allow_overlap=cfg[k + "allow_overlap"],
+                min_keep=cfg[k + "min_keep"])
+
+
+def build_loader(cfg, info):
+    return build_train_loader(
+        cfg["data.train_dataset"], batch_size=cfg["data.batch_size"], num_workers=cfg["data.num_workers"],
+        image_size=cfg["data.image_size"], crop_scale=(cfg["data.crop_scale_min"], cfg["data.crop_scale_max"]),
+        flip=cfg["data.flip"], color_jitter=cfg["data.color_jitter"], in_memory=cfg["data.in_memory"],
+        order=cfg["data.order"], seed=cfg["data.seed"], mixture=cfg["data.mixture"] or None,
+        epoch_samples=cfg["data.epoch_samples"], distributed=info.enabled, drop_last=True)
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived: save a checkpoint at the current step and exit cleanly."""
+
+
+def resolve_run_dir(cfg, info):
+    resume = cfg["training.resume"]
+    if resume and resume != "auto":
+        run_dir = os.path.dirname(os.path.abspath(resume))
+    else:
+        name = cfg["logging.run_name"] or broadcast_object(new_run_name() if info.is_main else None, info)
+        if resume == "auto" and not cfg["logging.run_name"]:
+            raise UserError("training.resume=auto needs logging.run_name, so the run folder is known")
+        run_dir = os.path.join(cfg["logging.folder"], name)
+    if info.is_main:
+        make_run_dir(*os.path.split(run_dir))
+    return run_dir
+
+
+def resume_path(cfg, run_dir):
+    resume = cfg["training.resume"]
+    if resume == "auto":
+        path = os.path.join(run_dir, "checkpoint.pt")
+        return path if os.path.isfile(path) else None
+    return resume or None
+
+
+@exit_on_user_error
+def main(argv=None):
+    cfg = config_from_cli(__doc__, argv)
+    info, device = init_distributed(cfg["hardware.distributed"], cfg["hardware.device"])
+    try:
+        return run(cfg, info, device)
+    finally:
+        cleanup_distributed(info)
+
+
+def run(cfg, info, device):
+    if cfg["hardware.num_threads"]:
+        torch.set_num_threads(cfg["hardware.num_threads"])
+    if cfg["training.deterministic"]:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg["training.seed"] + info.rank)
+    if not cfg["data.train_dataset"]:
+        raise UserError("data.train_dataset is empty: pass --data.train_dataset=PATH.beton (see write_datasets/)")
+
+    run_dir = resolve_run_dir(cfg, info)
+    say = print if info.is_main else (lambda *a, **k: None)
+    say(f"run folder: {run_dir}")
+    say(format_config(cfg))
+
+    # Data first: a bad path or mixture fails before any model is built.
+    loader = build_loader(cfg, info)
+    steps_per_epoch = len(loader)
+    epochs, batch = cfg["training.epochs"], cfg["data.batch_size"]
+    total_steps = steps_per_epoch * epochs
+    if cfg["training.max_steps"] > 0:
+        total_steps = min(total_steps, cfg["training.max_steps"])
+    global_batch = batch * info.world_size
+    say(f"effective batch {global_batch} = {batch} per process x {info.world_size} processes; "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+    counts_table = expected_counts_table(loader)
+    if counts_table:
+        say("expected samples per member per epoch:\n" + counts_table)
+
+    model = build_model(**model_kwargs(cfg)).to(device)
+    grid = model.grid_size
+    peak_lr = cfg["optim.lr"] * global_batch / 256  # lr is given per 256 images
+    optimizer = build_optimizer(model, lr=peak_lr, weight_decay=cfg["optim.weight_decay"],
+                                betas=(cfg["optim.beta1"], cfg["optim.beta2"]))
+
+    start_step = 0
+    path = resume_path(cfg, run_dir)
+    if path:
+        state = ckpt_io.load_checkpoint(path)
+        diff = ckpt_io.architecture_differences(model.model_config, state["model_config"])
+        if diff:
+            raise UserError(f"{path} is a checkpoint of another architecture: " + "; ".join(diff))
+        for part in ckpt_io.MODEL_PARTS:
+            module = getattr(model, part, None)
+            if module is not None:
+                ckpt_io.load_state_strict(module, state[part], part, path)
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt_io.restore_rng_state(state["rng"])
+        start_step = state["step"]
+        say(f"resumed from {path} at step {start_step} (epoch {state['epoch']})")
+
+    forward = model
+    if info.enabled:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["hardware.compile"]:
+        forward = torch.compile(forward)
+
+    if info.is_main:
+        save_config(cfg, os.path.join(run_dir, "params.json"))
+        with open(os.path.join(run_dir, "git_commit.txt"), "w") as f:
+            f.write(git_commit() + "\n")
+    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None
+
+    sched = dict(total_steps=total_steps)
+    warmup_steps = round(cfg["optim.warmup_epochs"] * steps_per_epoch)
+    amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
+    masking = mask_kwargs(cfg)
+    tokens = grid[0] * grid[1]
+    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=tokens)
+
+    def save(step, epoch):
+        if not info.is_main:
+            return
+        state = {"model_config": model.model_config, "optimizer": optimizer.state_dict(), "step": step,
+                 "epoch": epoch, "config": config_as_dict(cfg), "rng": ckpt_io.rng_state(),
+                 "sampler": {"seed": cfg["data.seed"], "order": cfg["data.order"],
+                             "steps_per_epoch": steps_per_epoch, "batches_done": step % steps_per_epoch}}
+        for part in ckpt_io.MODEL_PARTS:
+            module = getattr(model, part, None)
+            state[part] = module.state_dict() if module is not None else {}
+        latest = os.path.join(run_dir, "checkpoint.pt")
+        ckpt_io.save_checkpoint(state, latest)
+        if step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg["training.checkpoint_every"] == 0:
+            ckpt_io.save_checkpoint(state, ckpt_io.epoch_checkpoint_path(run_dir, step // steps_per_epoch))
+            ckpt_io.prune_epoch_checkpoints(run_dir, cfg["training.keep_checkpoints"])
+
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    step = start_step
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    try:
+        start_epoch = start_step // steps_per_epoch
+        for epoch in range(start_epoch, epochs):
+            if step >= total_steps:
+                break
+            skip = step - epoch * steps_per_epoch
+            member_counts = None
+            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
+                       disable=not (info.is_main and cfg["logging.progress"]), dynamic_ncols=True)
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            t_fetch = time.perf_counter()
+            for images, labels, dataset_idx in loader.epoch(epoch, start_batch=skip):
+                data_wait += time.perf_counter() - t_fetch
+                counts = torch.bincount(dataset_idx, minlength=1)
+                member_counts = counts if member_counts is None else _add_counts(member_counts, counts)
+                masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=cfg["training.seed"],
+                                     step=step, rank=info.rank, **masking)
+                x = normalize_images(images, device, amp_dtype or torch.float32)  # (B, 3, H, W)
+                out = train_step(
+                    model, forward, optimizer, x, masks_to_device(masks, device),
+                    lr=schedules.learning_rate(
+                        step, warmup_steps=warmup_steps, peak_lr=peak_lr, min_lr=cfg["optim.min_lr"],
+                        warmup_start_lr=peak_lr * cfg["optim.warmup_start_factor"], **sched),
+                    weight_decay=schedules.weight_decay(
+                        step, start=cfg["optim.weight_decay"], end=cfg["optim.final_weight_decay"], **sched),
+                    momentum=schedules.ema_momentum(step, start=cfg["optim.ema_start"], end=cfg["optim.ema_end"],
+                                                    **sched),
+                    amp_dtype=amp_dtype, clip_grad=cfg["optim.clip_grad"])
+                nonfinite |= ~torch.isfinite(out["loss"].detach())
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if step % cfg["logging.log_every"] == 0 or step == total_steps:
+                    if bool(nonfinite):  # a device sync point, like reading the loss below
+                        raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good "
+                                        f"checkpoint stays in {run_dir}")
+                    elapsed = time.perf_counter() - window_start
+                    record = _metrics_record(out, step, epoch, optimizer, sched_momentum=schedules.ema_momentum(
+                        step - 1, start=cfg["optim.ema_start"], end=cfg["optim.ema_end"], **sched),
+                        images_per_s=window_steps * global_batch / elapsed, data_wait=data_wait / elapsed,
+                        flops_per_image=flops_per_image, peak_tflops=cfg["hardware.peak_tflops"])
+                    if log:
+                        log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                if stop["signal"] is not None or step >= total_steps:
+                    break
+                t_fetch = time.perf_counter()
+            bar.close()
+            if stop["signal"] is not None:
+                raise StopRequested()
+            if member_counts is not None and skip == 0 and step % steps_per_epoch == 0:
+                member_counts = all_reduce_sum(member_counts.to(device), info).cpu()
+                if log:
+                    log.write({"epoch": epoch, "step": step, "member_counts": member_counts.tolist()})
+            if step % steps_per_epoch == 0 and ((epoch + 1) % cfg["training.checkpoint_every"] == 0
+                                                or epoch + 1 == epochs):
+                _check_finite(nonfinite, step, run_dir)
+                save(step, epoch + 1)
+        _check_finite(nonfinite, step, run_dir)
+        save(step, step // steps_per_epoch)
+        say(f"done: {step} steps; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
+    except StopRequested:
+        _check_finite(nonfinite, step, run_dir)
+        save(step, step // steps_per_epoch)
+        say(f"stopped by signal {stop['signal']} at step {step}; resume with "
+            f"--training.resume={os.path.join(run_dir, 'checkpoint.pt')}")
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+        loader.close()
+        if log:
+            log.close()
+    return run_dir
+
+
+def _add_counts(a, b):
+    n = max(len(a), len(b))
+    return torch.nn.functional.pad(a, (0, n - len(a))) + torch.nn.functional.pad(b, (0, n - len(b)))
+
+
+def _check_finite(nonfinite, step, run_dir):
+    if bool(nonfinite):
+        raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good checkpoint stays in {run_dir}")
+
+
+def _metrics_record(out, step, epoch, optimizer, *, sched_momentum, images_per_s, data_wait,
+                    flops_per_image, peak_tflops):
+    group = optimizer.param_groups[0]
+    decay = [g["weight_decay"] for g in optimizer.param_groups if g.get("apply_weight_decay", True)]
+    return {"step": step, "epoch": epoch, "lr": group["lr"], "wd": decay[0] if decay else 0.0,
+            "momentum": sched_momentum, "loss": float(out["loss"]),
+            "level_losses": [float(x) for x in out["level_losses"]],
+            "target_std": float(out["target_std"]), "pred_std": float(out["pred_std"]),
+            "grad_norm": float(out["grad_norm"]), "images_per_s": images_per_s,
+            "data_wait_fraction": min(1.0, data_wait),
+            "mfu": mfu(images_per_s, flops_per_image, peak_tflops) if peak_tflops > 0 else math.nan}
+
+
+if __name__ == "__main__":
+    main()
