@@ -1,0 +1,239 @@
+"""Frozen-encoder evaluation: feature extraction (cached on disk), linear probe, weighted k-NN.
+
+Library code: plain keyword arguments, no config. `eval/linear_probe.py` is the entry point.
+"""
+import hashlib
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hjepa.data import normalize_images
+
+UNLABELED = -1  # label of samples without a class (STL-10 unlabeled split); never trained or scored on
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extraction
+
+
+@torch.inference_mode()
+def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progress=True):
+    """Average-pooled tokens of a frozen encoder for every image of `loader`, in loader order.
+
+    `dtype` is the compute dtype: torch.bfloat16 runs under autocast (CUDA), torch.float32 or None
+    runs plain fp32 (CPU). With last_k_blocks=1 the feature is the mean over tokens of `forward_features`, which ends
+    with the encoder's final LayerNorm (I-JEPA's probe input). With k > 1 the final LayerNorm
+    `encoder.norm` is applied to each of the last k block outputs before pooling (DINO's
+    `get_intermediate_layers` convention), so every block's slice is on the same scale; the slices
+    are concatenated from the earliest of the k blocks to the last.
+
+    Returns (features float32 (N, D * k) on the CPU, labels int64 (N,)).
+    """
+    device = torch.device(device)
+    was_training = encoder.training
+    encoder.eval()
+    feature_chunks, label_chunks = [], []
+    bar = tqdm(total=_num_samples(loader), desc="extract", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    for images, labels, _dataset_idx in loader:
+        x = normalize_images(images, device, torch.float32)  # (B, 3, H, W)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
+            if last_k_blocks == 1:
+                pooled = encoder.forward_features(x).mean(dim=1)  # (B, N, D) -> (B, D)
+            else:
+                block_outputs = encoder.forward_blocks(x)[-last_k_blocks:]  # k x (B, N, D)
+                pooled = torch.cat([encoder.norm(out).mean(dim=1) for out in block_outputs], dim=1)  # (B, k*D)
+        feature_chunks.append(pooled.float().cpu())
+        label_chunks.append(labels.to(torch.int64).cpu())
+        bar.update(len(labels))
+    bar.close()
+    encoder.train(was_training)
+    return torch.cat(feature_chunks), torch.cat(label_chunks)
+
+
+def _num_samples(loader):
+    # ffcv.Loader knows its sample count; anything else gets a bar without a total.
+    for attribute in ("indices", "dataset"):
+        if hasattr(loader, attribute):
+            try:
+                return len(getattr(loader, attribute))
+            except TypeError:
+                pass
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature cache
+
+
+def state_dict_digest(state_dict):
+    """sha256 over the names, dtypes, shapes and bytes of every tensor: identifies the weights themselves."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_digest(path, chunk_bytes=1 << 24):
+    """sha256 of a file's bytes (for betons whose manifest carries no checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def feature_cache_path(cache_dir, key, *, name):
+    """`<cache_dir>/<name>-<hash of key>.pt`; `key` is a JSON-able dict of everything the features depend on."""
+    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(cache_dir, f"{name}-{key_hash}.pt")
+
+
+def load_cached_features(path, key):
+    """(features, labels) from a cache file written for exactly `key`, else None."""
+    if not os.path.isfile(path):
+        return None
+    entry = torch.load(path, map_location="cpu", weights_only=True)
+    if entry.get("key") != json.dumps(key, sort_keys=True):  # guards against a hash-prefix collision
+        return None
+    return entry["features"], entry["labels"]
+
+
+def save_cached_features(path, key, features, labels):
+    """Write atomically (temp file + rename): a crash mid-write never leaves a truncated cache entry."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"key": json.dumps(key, sort_keys=True), "features": features, "labels": labels}, tmp)
+    os.replace(tmp, path)
+
+
+def cached_features(path, key, extract):
+    """Load the features for `key` from `path`, or call `extract()` -> (features, labels) and store them.
+
+    Returns (features, labels, hit) with hit=True when nothing was extracted.
+    """
+    cached = load_cached_features(path, key)
+    if cached is not None:
+        return (*cached, True)
+    features, labels = extract()
+    save_cached_features(path, key, features, labels)
+    return features, labels, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def labeled(features, labels):
+    """Drop unlabeled samples (label -1): they can be neither trained on nor scored."""
+    keep = labels != UNLABELED
+    return features[keep], labels[keep]
+
+
+def train_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epochs, lr, weight_decay,
+                       batch_size, seed, device, progress=True, num_classes=None):
+    """Train `BatchNorm1d(affine=False) + Linear` on frozen features; top-1/top-5 (percent) on val.
+
+    Recipe: SGD, momentum 0.9, cosine decay from `lr` to 0 over all steps, no warmup, cross-entropy.
+    The parameter-free BatchNorm standardises every feature dimension (MAE's probe, Sec. A.2), so
+    the problem is well conditioned whatever the encoder's feature scale and plain SGD converges as
+    fast as AdamW would; lr=0.1 at batch 1024 is then a safe, standard choice (DINO/MAE-style SGD
+    probes sit around 0.1 per 256-1024 once inputs are normalised). `lr` is absolute, not rescaled
+    with the batch size. Unlabeled samples are excluded from both sets. With fewer than 5 classes
+    the top-5 is computed as top-C (every class is within the top 5, so it is 100%); `top5_k` in the
+    result says which k was used.
+    """
+    device = torch.device(device)
+    train_feats, train_labels = labeled(train_feats, train_labels)
+    val_feats, val_labels = labeled(val_feats, val_labels)
+    if len(train_labels) < 2:
+        raise ValueError(f"a linear probe needs at least 2 labeled training samples, got {len(train_labels)}")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), val_labels.max() if len(val_labels) else 0)) + 1
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the Linear layer's init
+    probe = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(train_feats.shape[1], affine=False),
+        torch.nn.Linear(train_feats.shape[1], num_classes),
+    ).to(device)
+    torch.nn.init.trunc_normal_(probe[1].weight, std=0.01)  # MAE's probe-head init
+    torch.nn.init.zeros_(probe[1].bias)
+
+    x_train = train_feats.to(device, torch.float32)  # (N, D)
+    y_train = train_labels.to(device)
+    # drop_last keeps BatchNorm statistics from a 1-sample batch; fewer samples than a batch = one batch
+    steps_per_epoch = max(1, len(y_train) // batch_size)
+    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
+
+    probe.train()
+    bar = tqdm(range(epochs), desc="probe", unit="epoch", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        order = torch.randperm(len(y_train), generator=generator).to(device)
+        for step in range(steps_per_epoch):
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            loss = F.cross_entropy(probe(x_train[batch]), y_train[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")  # one device sync per epoch
+    bar.close()
+
+    probe.eval()
+    with torch.inference_mode():
+        logits = torch.cat([probe(chunk.to(device, torch.float32)) for chunk in val_feats.split(8192)])  # (M, C)
+    return topk_accuracy(logits, val_labels.to(device))
+
+
+def topk_accuracy(logits, labels):
+    """{"top1", "top5", "top5_k"} in percent; top-5 uses k = min(5, num_classes)."""
+    if len(labels) == 0:
+        raise ValueError("no labeled validation samples to score")
+    k = min(5, logits.shape[1])
+    hits = logits.topk(k, dim=1).indices == labels[:, None]  # (M, k)
+    return {
+        "top1": 100.0 * hits[:, 0].float().mean().item(),
+        "top5": 100.0 * hits.any(dim=1).float().mean().item(),
+        "top5_k": k,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# k-NN
+
+
+@torch.inference_mode()
+def knn_top1(train_feats, train_labels, val_feats, val_labels, *, k=20, temperature=0.07, num_classes,
+             chunk_size=256, device=None):
+    """Weighted k-NN top-1 (percent), DINO's recipe (Caron et al. 2021, Sec. 4.1 / eval_knn.py).
+
+    Cosine similarity between L2-normalised features; each of the k nearest training samples votes
+    for its class with weight exp(similarity / temperature). Validation samples are processed
+    `chunk_size` at a time so the (chunk, N_train) similarity matrix stays small (256 x 126k floats
+    = 130 MB for ImageNet-100). Unlabeled samples are excluded from the bank and from scoring.
+    """
+    device = torch.device(device) if device is not None else train_feats.device
+    train_feats, train_labels = labeled(train_feats, train_labels)
+    val_feats, val_labels = labeled(val_feats, val_labels)
+    if len(train_labels) == 0 or len(val_labels) == 0:
+        raise ValueError("k-NN needs labeled training and validation samples")
+    k = min(k, len(train_labels))
+    bank = F.normalize(train_feats.to(device, torch.float32), dim=1)  # (N, D)
+    bank_labels = train_labels.to(device)
+    correct = 0
+    for start in range(0, len(val_labels), chunk_size):
+        queries = F.normalize(val_feats[start:start + chunk_size].to(device, torch.float32), dim=1)  # (b, D)
+        similarity, neighbours = (queries @ bank.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(queries), num_classes, device=device)  # (b, C)
+        votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
+        correct += (votes.argmax(dim=1) == val_labels[start:start + chunk_size].to(device)).sum().item()
+    return 100.0 * correct / len(val_labels)
