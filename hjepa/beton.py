@@ -1,0 +1,503 @@
+"""Writing `.beton` files (FFCV's format) atomically, with a JSON manifest beside each one.
+
+Every single-dataset beton has the fields `image` (RGBImageField) and `label` (IntField, -1 =
+unlabeled); a combined beton (`combine_betons`) adds `dataset_idx`. Beside `x.beton` sits `x.json`:
+dataset, split, counts, class names, writer params, source, creation time, size and a blake2b
+checksum of the beton, and the images that were skipped as unreadable.
+
+Atomicity: the beton is written to `<write_path>.partial` in the same folder and renamed with
+`os.replace` only when complete, so an interrupted run (even SIGKILL) never leaves a file at
+`write_path` that looks complete. The old manifest is removed first and the new one written last.
+"""
+import datetime
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from unittest import mock
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from hjepa.errors import UserError
+
+MANIFEST_FORMAT = "hjepa-beton-manifest-v1"
+CHECKSUM_ALGORITHM = "blake2b"
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def load_rgb(path):
+    """Decode an image file to an (H, W, 3) uint8 array (PIL, any mode converted to RGB)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def check_image(path):
+    """None if `path` decodes completely, else a one-line reason.
+
+    Cheap: for JPEGs PIL's draft mode decodes at 1/8 scale (DCT scaling), which still reads the
+    whole entropy-coded stream, so truncated files, zero-byte files and non-images all fail here.
+    """
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+            image.convert("RGB")
+        return None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        return f"{type(e).__name__}: {e}"
+
+
+def resize_to_max_side(image, max_resolution):
+    """Shrink so the longest side is <= max_resolution (INTER_AREA, as FFCV's RGBImageField does)."""
+    height, width = image.shape[:2]
+    scale = max_resolution / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def _is_path(source):
+    return isinstance(source, (str, os.PathLike))
+
+
+def _check_array(source, index):
+    if not (isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 3
+            and source.shape[2] == 3):
+        raise ValueError(f"sample {index}: image must be a file path or an HxWx3 uint8 array, "
+                         f"got {type(source).__name__} {getattr(source, 'shape', '')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifests
+
+
+def manifest_path(beton_path):
+    """`x.beton` -> `x.json` (same folder)."""
+    root, _ = os.path.splitext(os.fspath(beton_path))
+    return root + ".json"
+
+
+def file_checksum(path, chunk_bytes=1 << 24):
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path, content):
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def beton_num_samples(beton_path):
+    """Sample count from the beton header; UserError if the file is not a beton."""
+    from ffcv.types import CURRENT_VERSION, HeaderType
+
+    if os.path.getsize(beton_path) < HeaderType.itemsize:
+        raise UserError(f"{beton_path} is not a .beton file (too short)")
+    header = np.fromfile(beton_path, dtype=HeaderType, count=1)[0]
+    if header["version"] != CURRENT_VERSION:
+        raise UserError(f"{beton_path} is not a .beton file (format version {header['version']})")
+    return int(header["num_samples"])
+
+
+def read_manifest(beton_path, verify_checksum=False):
+    """The manifest of `beton_path` as a dict.
+
+    UserError when the beton or its manifest is missing, or they disagree (size, sample count,
+    and with verify_checksum=True the checksum) -- e.g. a truncated copy or a stale manifest.
+    """
+    beton_path = os.fspath(beton_path)
+    if not os.path.isfile(beton_path):
+        raise UserError(f"beton not found: {beton_path} (write it with write_datasets/*.py)")
+    path = manifest_path(beton_path)
+    if not os.path.isfile(path):
+        raise UserError(f"manifest missing: {path} should sit beside {beton_path}; rewrite the beton "
+                        "with write_datasets/*.py")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"manifest {path} is not valid JSON: {e}")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"manifest {path} is not a {MANIFEST_FORMAT} file")
+    size = os.path.getsize(beton_path)
+    if size != manifest["size_bytes"]:
+        raise UserError(f"{beton_path} is {size} bytes but its manifest says {manifest['size_bytes']} "
+                        "(truncated copy or stale manifest)")
+    num_samples = beton_num_samples(beton_path)
+    if num_samples != manifest["num_samples"]:
+        raise UserError(f"{beton_path} holds {num_samples} samples but its manifest says "
+                        f"{manifest['num_samples']}")
+    if verify_checksum and file_checksum(beton_path) != manifest["checksum"]["hex"]:
+        raise UserError(f"{beton_path} does not match the checksum in {path}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk space
+
+
+def estimate_beton_bytes(samples, *, max_resolution, write_mode, compress_probability=0.5):
+    """A generous estimate of the beton size: stored pixels (capped at max_resolution^2 with a 4:3
+    aspect, or the array's own size) at 3 bytes raw or ~1/6 of that as q90 JPEG (measured ~2-4
+    bits/pixel), plus one FFCV page per worker and 10% slack."""
+    cap_pixels = max_resolution * max_resolution * 3 // 4
+    raw_bytes = 0
+    for source, _ in samples:
+        if _is_path(source):
+            # A source JPEG's own size bounds what we store for small images.
+            raw_bytes += min(cap_pixels * 3, 6 * os.path.getsize(source))
+        else:
+            raw_bytes += min(cap_pixels, source.shape[0] * source.shape[1]) * 3
+    jpeg_fraction = {"jpg": 1.0, "raw": 0.0, "proportion": compress_probability}[write_mode]
+    data_bytes = raw_bytes * (jpeg_fraction / 6 + (1 - jpeg_fraction))
+    return int(1.1 * data_bytes + 64 * len(samples) + 64 * 2**20)
+
+
+def check_free_space(write_path, needed_bytes):
+    """UserError when the disk holding `write_path` has less free space than `needed_bytes`."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(write_path))).free
+    if free < needed_bytes:
+        raise UserError(f"not enough disk space for {write_path}: about {needed_bytes / 2**30:.2f} GiB "
+                        f"needed, {free / 2**30:.2f} GiB free")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+class _SampleDataset:
+    """What FFCV's DatasetWriter indexes from its worker processes: (image, label).
+
+    Files were checked before writing; if one still fails to decode here (changed on disk meanwhile)
+    we must not raise -- an exception kills an FFCV worker and the writer's main loop then waits
+    forever -- so we mark it in shared memory and the whole write is rejected afterwards.
+    """
+
+    def __init__(self, samples, max_resolution):
+        self.samples = samples
+        self.max_resolution = max_resolution
+        self.failed = multiprocessing.RawArray("b", len(samples))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        source, label = self.samples[index]
+        if _is_path(source):
+            try:
+                source = load_rgb(source)
+            except Exception:
+                self.failed[index] = 1
+                source = np.zeros((8, 8, 3), np.uint8)  # never kept: the write is rejected
+        return resize_to_max_side(source, self.max_resolution), label
+
+
+def _page_size(max_resolution, estimated_bytes):
+    # A sample must fit in one FFCV page (memory_allocator.malloc); a raw image needs H*W*3 bytes.
+    # FFCV's default 8 MiB pages suit big files; small ones use 2 MiB, since every writer process
+    # pads its last page and the data region starts page-aligned.
+    from ffcv.writer import MIN_PAGE_SIZE
+
+    default = 4 * MIN_PAGE_SIZE if estimated_bytes > 2**30 else MIN_PAGE_SIZE
+    needed = max(default, 2 * 3 * max_resolution * max_resolution)
+    return 1 << math.ceil(math.log2(needed))
+
+
+@contextmanager
+def _ffcv_progress(desc, enabled):
+    # ffcv.writer draws its own tqdm bar with no options; give it a label, or silence it.
+    import ffcv.writer
+
+    bar = functools.partial(tqdm, desc=desc, unit="img", disable=not enabled, file=sys.stderr)
+    with mock.patch.object(ffcv.writer, "tqdm", bar):
+        yield
+
+
+def _find_bad_images(paths, num_workers, progress):
+    """[(path, reason)] for the files that do not decode, checked in parallel."""
+    bar = functools.partial(tqdm, total=len(paths), desc="checking images", unit="img",
+                            disable=not progress, file=sys.stderr)
+    if num_workers <= 1 or len(paths) < 256:
+        reasons = [check_image(p) for p in bar(paths)]
+    else:
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+            reasons = list(bar(pool.imap(check_image, paths, chunksize=64)))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def _run_writer(tmp_path, fields, dataset, *, num_workers, chunk_size, page_size, desc, progress):
+    from ffcv.writer import DatasetWriter
+
+    if os.path.exists(tmp_path):
+        print(f"note: removing {tmp_path} left by an interrupted run", file=sys.stderr)
+        os.remove(tmp_path)
+    writer = DatasetWriter(tmp_path, fields, page_size=page_size, num_workers=num_workers)
+    with _ffcv_progress(desc, progress):
+        writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+
+
+def _publish(tmp_path, write_path, manifest):
+    """Checksum the finished temp file, rename it into place, then write its manifest."""
+    manifest["size_bytes"] = os.path.getsize(tmp_path)
+    manifest["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "hex": file_checksum(tmp_path)}
+    old_manifest = manifest_path(write_path)
+    if os.path.exists(old_manifest):
+        os.remove(old_manifest)  # never let a stale manifest describe the new beton
+    os.replace(tmp_path, write_path)
+    _write_json_atomic(manifest_path(write_path), manifest)
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_beton(samples, write_path, *, dataset, split, class_names, source, max_resolution=256,
+                jpeg_quality=90, write_mode="jpg", compress_probability=0.5, num_workers=1,
+                chunk_size=100, max_bad_fraction=0.001, progress=True):
+    """Write (image_source, label) samples to `write_path` with fields `image`, `label`; return the manifest.
+
+    image_source: a file path (decoded with PIL, converted to RGB) or an (H, W, 3) uint8 array.
+    Images are shrunk so the longest side <= max_resolution and stored per write_mode
+    (jpg | raw | proportion). Unreadable files are skipped with a warning and listed in the
+    manifest's `bad_images`; more than max_bad_fraction of them is a UserError.
+    """
+    from ffcv.fields import IntField, RGBImageField
+
+    write_path = os.fspath(write_path)
+    samples = list(samples)
+    if not samples:
+        raise UserError(f"no samples to write for {dataset} split '{split}' (source: {source})")
+    for index, (image_source, _) in enumerate(samples):
+        if not _is_path(image_source):
+            _check_array(image_source, index)
+    if write_mode not in ("jpg", "raw", "proportion"):
+        raise ValueError(f"write_mode must be jpg, raw or proportion, got {write_mode!r}")
+    os.makedirs(os.path.dirname(os.path.abspath(write_path)), exist_ok=True)
+    estimated_bytes = estimate_beton_bytes(samples, max_resolution=max_resolution, write_mode=write_mode,
+                                           compress_probability=compress_probability)
+    check_free_space(write_path, estimated_bytes)
+
+    paths = [s for s, _ in samples if _is_path(s)]
+    bad_images = _find_bad_images(paths, num_workers, progress) if paths else []
+    for path, reason in bad_images:
+        print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
+    if len(bad_images) > max_bad_fraction * len(samples):
+        raise UserError(f"{len(bad_images)} of {len(samples)} images are unreadable (more than "
+                        f"max_bad_fraction={max_bad_fraction}); first: {bad_images[0][0]}")
+    bad_paths = {os.fspath(p) for p, _ in bad_images}
+    samples = [(s, int(label)) for s, label in samples if not (_is_path(s) and os.fspath(s) in bad_paths)]
+    if not samples:
+        raise UserError(f"no readable images for {dataset} split '{split}' (source: {source})")
+
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
+                               jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+        "label": IntField(),
+    }
+    data = _SampleDataset(samples, max_resolution)
+    tmp_path = write_path + ".partial"
+    start = time.perf_counter()
+    try:
+        _run_writer(tmp_path, fields, data, num_workers=num_workers, chunk_size=chunk_size,
+                    page_size=_page_size(max_resolution, estimated_bytes), desc=f"writing {os.path.basename(write_path)}",
+                    progress=progress)
+        failed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(data.failed, np.int8))]
+        if failed:
+            raise UserError(f"{len(failed)} images became unreadable while writing, first: {failed[0]}; "
+                            "nothing was written")
+        labels = np.array([label for _, label in samples])
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "beton": os.path.basename(write_path),
+            "dataset": dataset,
+            "split": split,
+            "num_samples": len(samples),
+            "class_names": list(class_names),
+            "per_class_counts": {name: int((labels == i).sum()) for i, name in enumerate(class_names)},
+            "num_unlabeled": int((labels == -1).sum()),
+            "fields": {"image": "RGBImageField", "label": "IntField"},
+            "writer": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
+                       "write_mode": write_mode, "compress_probability": compress_probability},
+            "source": os.fspath(source),
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "num_bad_images": len(bad_images),
+            "bad_images": [os.fspath(p) for p, _ in bad_images],
+        }
+        _publish(tmp_path, write_path, manifest)
+    except BaseException:
+        _remove_quietly(tmp_path)
+        raise
+    seconds = time.perf_counter() - start
+    print(f"wrote {len(samples)} images to {write_path} in {seconds:.1f} s "
+          f"({len(samples) / seconds:.0f} images/s)", flush=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Combining single betons (write_datasets/multi.py)
+
+
+def _stored_image_field_class():
+    from ffcv.fields import RGBImageField
+
+    class StoredImageField(RGBImageField):
+        """RGBImageField whose encode copies already-stored bytes (mode, width, height, payload):
+        combining betons then costs no decode/re-encode and loses nothing."""
+
+        def encode(self, destination, stored, malloc):
+            mode, width, height, payload = stored
+            destination["mode"], destination["width"], destination["height"] = mode, width, height
+            destination["data_ptr"], storage = malloc(payload.nbytes)
+            storage[:] = payload
+
+    return StoredImageField
+
+
+class _MemberDataset:
+    """(stored image, label, dataset_idx) for every sample of the member betons, in order."""
+
+    def __init__(self, beton_paths):
+        from ffcv.reader import Reader
+
+        self.beton_paths = list(beton_paths)
+        self.images, self.labels, self.sizes, self.offsets = [], [], [], [0]
+        for path in self.beton_paths:
+            reader = Reader(path)
+            if reader.field_names[:2] != ["image", "label"]:
+                raise UserError(f"{path} has fields {reader.field_names}, expected image, label")
+            images = np.array(reader.metadata["f0"])  # (mode, width, height, data_ptr) per sample
+            table = np.sort(reader.alloc_table, order="ptr")
+            where = np.searchsorted(table["ptr"], images["data_ptr"])
+            if not np.array_equal(table["ptr"][np.minimum(where, len(table) - 1)], images["data_ptr"]):
+                raise UserError(f"{path} is damaged: image pointers missing from its allocation table")
+            self.images.append(images)
+            self.labels.append(np.array(reader.metadata["f1"]))
+            self.sizes.append(np.array(table["size"][where]))
+            self.offsets.append(self.offsets[-1] + len(images))
+        self._files = None  # memmaps, opened lazily in each writer process
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, index):
+        if self._files is None:
+            self._files = [np.memmap(p, dtype=np.uint8, mode="r") for p in self.beton_paths]
+        member = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        i = index - self.offsets[member]
+        meta = self.images[member][i]
+        start = int(meta["data_ptr"])
+        payload = np.array(self._files[member][start:start + int(self.sizes[member][i])])
+        stored = (meta["mode"], meta["width"], meta["height"], payload)
+        return stored, int(self.labels[member][i]), member
+
+
+def _mark_as_rgb_image_field(beton_path, field_index):
+    # DatasetWriter records a field's type id by exact class (ffcv/writer.py, `type(field)`), so our
+    # subclass is written as "custom" (255) and readers would demand a handler. Its bytes are a
+    # plain RGBImageField's, so we set the id readers expect (ffcv.types.TYPE_ID_HANDLER: 2).
+    from ffcv.types import TYPE_ID_HANDLER, FieldDescType, HeaderType
+    from ffcv.fields import RGBImageField
+
+    rgb_type_id = {v: k for k, v in TYPE_ID_HANDLER.items()}[RGBImageField]
+    header = np.fromfile(beton_path, dtype=HeaderType, count=1)[0]
+    descriptors = np.memmap(beton_path, dtype=FieldDescType, mode="r+", offset=HeaderType.itemsize,
+                            shape=(int(header["num_fields"]),))
+    descriptors["type_id"][field_index] = rgb_type_id
+    descriptors.flush()
+    del descriptors
+
+
+def parse_members(text):
+    """`name=path,name=path` -> [(name, path)] in order; UserError on malformed or repeated names."""
+    members = []
+    for item in [s.strip() for s in text.split(",") if s.strip()]:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"member '{item}' must look like name=path.beton")
+        if name in [n for n, _ in members]:
+            raise UserError(f"member name '{name}' appears twice")
+        members.append((name, path))
+    if not members:
+        raise UserError("no members given: use --cfg.members=name=a.beton,name=b.beton")
+    return members
+
+
+def combine_betons(members, write_path, *, split="train", num_workers=1, chunk_size=1000, progress=True):
+    """Concatenate single betons into one with fields image, label, dataset_idx; return the manifest.
+
+    members: [(name, beton_path)] in order; dataset_idx = member position, and member d occupies the
+    contiguous index range [index_start, index_end). Stored image bytes are copied, not re-encoded.
+    """
+    from ffcv.fields import IntField
+
+    write_path = os.fspath(write_path)
+    manifests = [read_manifest(path) for _, path in members]
+    data = _MemberDataset([path for _, path in members])
+    needed = sum(os.path.getsize(p) for _, p in members) + 64 * 2**20
+    os.makedirs(os.path.dirname(os.path.abspath(write_path)), exist_ok=True)
+    check_free_space(write_path, needed)
+    fields = {"image": _stored_image_field_class()(), "label": IntField(), "dataset_idx": IntField()}
+    page_size = max(_beton_page_size(p) for _, p in members)
+    tmp_path = write_path + ".partial"
+    start = time.perf_counter()
+    try:
+        _run_writer(tmp_path, fields, data, num_workers=num_workers, chunk_size=chunk_size,
+                    page_size=page_size, desc=f"writing {os.path.basename(write_path)}", progress=progress)
+        _mark_as_rgb_image_field(tmp_path, 0)
+        member_entries = []
+        for d, ((name, path), m) in enumerate(zip(members, manifests)):
+            member_entries.append({
+                "name": name, "index_start": data.offsets[d], "index_end": data.offsets[d + 1],
+                "num_samples": data.offsets[d + 1] - data.offsets[d], "source": os.path.abspath(path),
+                "source_checksum": m["checksum"], "dataset": m["dataset"], "split": m["split"],
+                "class_names": m["class_names"], "per_class_counts": m["per_class_counts"],
+                "num_unlabeled": m["num_unlabeled"], "writer": m["writer"]})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "beton": os.path.basename(write_path),
+            "dataset": "multi",
+            "split": split,
+            "num_samples": len(data),
+            "class_names": [],  # labels are per member: see members[d].class_names
+            "members": member_entries,
+            "fields": {"image": "RGBImageField", "label": "IntField", "dataset_idx": "IntField"},
+            "source": ",".join(f"{n}={os.path.abspath(p)}" for n, p in members),
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "num_bad_images": 0,
+            "bad_images": [],
+        }
+        _publish(tmp_path, write_path, manifest)
+    except BaseException:
+        _remove_quietly(tmp_path)
+        raise
+    seconds = time.perf_counter() - start
+    print(f"wrote {len(data)} images to {write_path} in {seconds:.1f} s "
+          f"({len(data) / seconds:.0f} images/s)", flush=True)
+    return manifest
+
+
+def _beton_page_size(beton_path):
+    from ffcv.types import HeaderType
+
+    return int(np.fromfile(beton_path, dtype=HeaderType, count=1)[0]["page_size"])
