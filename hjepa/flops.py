@@ -1,0 +1,89 @@
+"""Analytic FLOPs of one H-JEPA training step per image, and model FLOP utilisation (MFU).
+
+A multiply-add counts as 2 FLOPs. Counted: every linear layer, the attention matmuls (QK^T and AV),
+and the patch-embedding convolution; norms, softmax, GELU, the loss and gathers are left out (a few
+percent at most). Backward costs twice the forward (gradients of inputs and of weights), except the
+patch embedding, whose input (the image) needs no gradient: only its weight gradient, 1x.
+Checked against torch.utils.flop_counter.FlopCounterMode in tests/test_flops.py.
+"""
+import math
+
+from hjepa.vit import ARCHS
+
+MLP_RATIO = 4
+
+
+def block_forward_flops(num_tokens, width, mlp_ratio=MLP_RATIO):
+    """One pre-norm transformer block on a (num_tokens, width) sequence."""
+    linears = 2 * num_tokens * width * width * (3 + 1 + 2 * mlp_ratio)  # qkv, proj, fc1, fc2
+    attention = 2 * 2 * num_tokens * num_tokens * width  # QK^T and AV, summed over heads
+    return linears + attention
+
+
+def step_flops_breakdown(model_config, *, num_context, num_target, num_targets):
+    """FLOPs per image of one training step, by role: {"target", "context", "predictor", "total"}.
+
+    model_config: build_model's kwargs (model.model_config). num_context: context tokens per image
+    (Nc); num_target: tokens per target block (Nt); num_targets: target blocks per image (T).
+    """
+    embed_dim, depth, _ = ARCHS[model_config["arch"]]
+    patch_size = model_config["patch_size"]
+    num_patches = (model_config["image_size"] // patch_size) ** 2
+    pred_dim = model_config["predictor_embed_dim"]
+    level_depths = model_config.get("level_depths") or []
+    num_level_heads = sum(1 for d in level_depths if int(d) != depth)
+
+    # The patch embedding runs on every patch in both encoders; the context drops tokens after it.
+    patch_embed = 2 * num_patches * 3 * patch_size * patch_size * embed_dim
+    target = patch_embed + depth * block_forward_flops(num_patches, embed_dim)  # forward only, no grad
+    context_blocks = depth * block_forward_flops(num_context, embed_dim)
+    context = patch_embed * 2 + context_blocks * 3  # forward + weight-grad-only backward; blocks fwd + 2x bwd
+
+    predictor_forward = (
+        2 * num_context * embed_dim * pred_dim  # predictor_embed, once per image
+        + num_targets * model_config["predictor_depth"] * block_forward_flops(num_context + num_target, pred_dim)
+        + (1 + num_level_heads) * 2 * num_targets * num_target * pred_dim * embed_dim  # predictor_proj + heads
+    )
+    predictor = 3 * predictor_forward
+    return dict(target=target, context=context, predictor=predictor, total=target + context + predictor)
+
+
+def train_step_flops(model_config, *, num_context, num_target, num_targets):
+    """Total FLOPs per image of one training step (see step_flops_breakdown)."""
+    return step_flops_breakdown(model_config, num_context=num_context, num_target=num_target,
+                                num_targets=num_targets)["total"]
+
+
+def expected_token_counts(*, grid_size, num_targets, target_scale, target_aspect, context_scale,
+                          allow_overlap, points=1000):
+    """Estimated (Nc, Nt) per image for I-JEPA multi-block masks on a grid_size x grid_size grid.
+
+    Nt averages I-JEPA's block-size rule (one uniform draw sets both scale and aspect; h, w rounded
+    and kept below the grid side) over the draw. Nc is the mean context block area, less the part
+    the T targets cover when they may not overlap, assuming targets placed independently. The real
+    context is also cut to the batch minimum, so the trainer should prefer each batch's actual counts.
+    """
+    num_patches = grid_size * grid_size
+
+    def mean_block_area(scale, aspect):
+        total = 0
+        for i in range(points):
+            u = (i + 0.5) / points
+            keep = int(num_patches * (scale[0] + u * (scale[1] - scale[0])))
+            ratio = aspect[0] + u * (aspect[1] - aspect[0])
+            h = min(int(round(math.sqrt(keep * ratio))), grid_size - 1)
+            w = min(int(round(math.sqrt(keep / ratio))), grid_size - 1)
+            total += h * w
+        return total / points
+
+    num_target = mean_block_area(target_scale, target_aspect)
+    num_context = mean_block_area(context_scale, (1.0, 1.0))
+    if not allow_overlap:
+        num_context *= (1.0 - num_target / num_patches) ** num_targets
+    return num_context, num_target
+
+
+def mfu(images_per_s, flops_per_image, peak_tflops):
+    """Model FLOP utilisation: achieved FLOP/s over the accelerators' peak (a fraction, 0..1).
+    peak_tflops is the total over all devices doing the work."""
+    return images_per_s * flops_per_image / (peak_tflops * 1e12)
