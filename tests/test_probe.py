@@ -1,0 +1,238 @@
+"""Linear probe, k-NN, feature cache and the eval/linear_probe.py command line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hjepa import probe
+from hjepa.checkpoint import save_checkpoint
+from hjepa.vit import build_encoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"arch": "vit_tiny", "patch_size": 8, "image_size": 32}  # 16 tokens: fast on 2 CPU cores
+
+
+def gaussian_blobs(num_classes, per_class, dim=32, seed=0, spread=1.0):
+    """Separable features: one well-separated centre per class plus unit noise."""
+    centres = 4.0 * torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234))
+    labels = torch.arange(num_classes).repeat_interleave(per_class)  # (N,)
+    noise = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(seed))
+    return centres[labels] + spread * noise, labels  # (N, D), (N,)
+
+
+PROBE_KWARGS = dict(epochs=30, lr=0.1, weight_decay=0.0, batch_size=64, seed=0, device="cpu", progress=False)
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe and k-NN on synthetic features
+
+
+def test_linear_probe_exceeds_90_percent_on_separable_classes():
+    result = probe.train_linear_probe(*gaussian_blobs(10, 40, seed=1), *gaussian_blobs(10, 20, seed=2),
+                                      **PROBE_KWARGS)
+    assert result["top1"] > 90.0
+    assert result["top5"] >= result["top1"]
+    assert result["top5_k"] == 5
+
+
+def test_linear_probe_ignores_unlabeled_training_samples():
+    train_feats, train_labels = gaussian_blobs(10, 40, seed=1)
+    unlabeled = torch.randn(200, train_feats.shape[1]) * 10  # would break cross-entropy if kept
+    feats = torch.cat([train_feats, unlabeled])
+    labels = torch.cat([train_labels, torch.full((200,), probe.UNLABELED)])
+    result = probe.train_linear_probe(feats, labels, *gaussian_blobs(10, 20, seed=2), **PROBE_KWARGS)
+    assert result["top1"] > 90.0
+
+
+def test_top5_with_fewer_than_five_classes_ranks_all_classes():
+    result = probe.train_linear_probe(*gaussian_blobs(3, 40, seed=1), *gaussian_blobs(3, 20, seed=2),
+                                      **PROBE_KWARGS)
+    assert result["top5_k"] == 3
+    assert result["top5"] == 100.0
+
+
+def test_linear_probe_is_reproducible_for_a_seed():
+    train, val = gaussian_blobs(10, 40, seed=1, spread=4.0), gaussian_blobs(10, 20, seed=2, spread=4.0)
+    first = probe.train_linear_probe(*train, *val, **PROBE_KWARGS)
+    assert probe.train_linear_probe(*train, *val, **PROBE_KWARGS) == first
+
+
+def test_knn_on_separable_features_is_perfect():
+    top1 = probe.knn_top1(*gaussian_blobs(10, 40, seed=1), *gaussian_blobs(10, 20, seed=2), num_classes=10)
+    assert top1 == 100.0
+
+
+def test_knn_result_does_not_depend_on_the_chunk_size():
+    train, val = gaussian_blobs(10, 40, seed=1, spread=6.0), gaussian_blobs(10, 20, seed=2, spread=6.0)
+    whole = probe.knn_top1(*train, *val, num_classes=10, chunk_size=10_000)
+    assert 20.0 < whole < 100.0  # noisy enough that a chunking bug would show
+    assert probe.knn_top1(*train, *val, num_classes=10, chunk_size=7) == whole
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction and cache
+
+
+def uint8_batches(num_batches, batch_size, image_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+             torch.arange(batch_size, dtype=torch.int64), torch.zeros(batch_size, dtype=torch.int64))
+            for _ in range(num_batches)]
+
+
+def test_extract_features_concatenates_the_last_k_blocks_ending_with_the_final_layer():
+    torch.manual_seed(0)
+    encoder = build_encoder(TINY["arch"], patch_size=TINY["patch_size"], image_size=TINY["image_size"])
+    batches = uint8_batches(2, 3, TINY["image_size"])
+    last, labels = probe.extract_features(encoder, batches, device="cpu", dtype=torch.float32, progress=False)
+    last3, _ = probe.extract_features(encoder, batches, device="cpu", dtype=torch.float32, last_k_blocks=3,
+                                      progress=False)
+    assert last.shape == (6, encoder.embed_dim) and last.dtype == torch.float32
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert last3.shape == (6, 3 * encoder.embed_dim)
+    torch.testing.assert_close(last3[:, -encoder.embed_dim:], last)
+
+
+def test_feature_cache_skips_extraction_the_second_time(tmp_path):
+    calls = []
+
+    def extract():
+        calls.append(1)
+        return torch.randn(5, 4), torch.arange(5)
+
+    key = {"weights": "abc", "dataset": {"checksum": "123"}, "last_k_blocks": 1}
+    path = probe.feature_cache_path(tmp_path, key, name="cifar10_train_target")
+    first = probe.cached_features(path, key, extract)
+    second = probe.cached_features(path, key, extract)
+    assert len(calls) == 1
+    assert (first[2], second[2]) == (False, True)
+    torch.testing.assert_close(second[0], first[0])
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp file left behind
+
+
+def test_feature_cache_key_covers_weights_dataset_and_blocks(tmp_path):
+    key = {"weights": "abc", "dataset": {"checksum": "123"}, "last_k_blocks": 1}
+    paths = {probe.feature_cache_path(tmp_path, {**key, **change}, name="x")
+             for change in ({}, {"weights": "abd"}, {"dataset": {"checksum": "124"}}, {"last_k_blocks": 2})}
+    assert len(paths) == 4
+
+
+def test_state_dict_digest_changes_with_any_weight():
+    encoder = build_encoder(TINY["arch"], patch_size=TINY["patch_size"], image_size=TINY["image_size"])
+    before = probe.state_dict_digest(encoder.state_dict())
+    with torch.no_grad():
+        encoder.blocks[5].mlp.fc1.bias[3] += 1e-3
+    assert probe.state_dict_digest(encoder.state_dict()) != before
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (real subprocesses on real betons)
+
+
+def write_tiny_beton(path, split, num_per_class, seed):
+    """Two classes of 40x40 images: dark ones (label 0) and bright ones (label 1)."""
+    from hjepa.beton import write_beton
+
+    rng = np.random.default_rng(seed)
+    samples = [(rng.integers(low, low + 100, (40, 40, 3), dtype=np.uint8), label)
+               for label, low in ((0, 0), (1, 155)) for _ in range(num_per_class)]
+    write_beton(samples, str(path), dataset="tinytwo", split=split, class_names=["dark", "bright"],
+                source="tests/test_probe.py", max_resolution=40, num_workers=1, progress=False)
+    return str(path)
+
+
+def save_tiny_checkpoint(path, model_config, encoder_config=None):
+    """A checkpoint in hjepa.checkpoint's format whose encoders are built from `encoder_config`."""
+    encoder_config = encoder_config or model_config
+    torch.manual_seed(0)
+    encoder = build_encoder(encoder_config["arch"], patch_size=encoder_config["patch_size"],
+                            image_size=encoder_config["image_size"])
+    state = encoder.state_dict()
+    save_checkpoint({"model_config": dict(model_config), "context_encoder": state, "target_encoder": state,
+                     "predictor": {}, "level_heads": {}, "optimizer": {}, "step": 10, "epoch": 1,
+                     "config": {}, "rng": {}, "sampler": {}}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("betons")
+    return (write_tiny_beton(folder / "train.beton", "train", 12, seed=0),
+            write_tiny_beton(folder / "val.beton", "val", 6, seed=1))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint.pt", TINY)
+
+
+def run_probe(*args):
+    return subprocess.run([sys.executable, "eval/linear_probe.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def probe_args(checkpoint, betons, *extra):
+    return [f"--eval.checkpoint={checkpoint}", f"--eval.train_dataset={betons[0]}",
+            f"--eval.val_dataset={betons[1]}", "--eval.epochs=5", "--eval.num_workers=1",
+            "--eval.extract_batch_size=8", *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(checkpoint, betons):
+    proc = run_probe(*probe_args(checkpoint, betons))
+    assert proc.returncode == 0, proc.stderr
+    cache_dir = os.path.join(os.path.dirname(checkpoint), "features")
+    cache_mtimes = {name: os.stat(os.path.join(cache_dir, name)).st_mtime_ns for name in os.listdir(cache_dir)}
+    return proc, cache_mtimes
+
+
+def test_cli_writes_results_json_next_to_the_checkpoint(first_run, checkpoint):
+    with open(os.path.join(os.path.dirname(checkpoint), "probe_tinytwo_target.json")) as f:
+        result = json.load(f)
+    assert result["encoder"] == "target" and result["dataset"] == "tinytwo" and result["arch"] == "vit_tiny"
+    assert (result["num_train"], result["num_val"], result["feature_dim"]) == (24, 12, 192)
+    for key in ("top1", "top5", "knn_top1"):
+        assert 0.0 <= result[key] <= 100.0
+    assert result["cache_hits"] == {"train": False, "val": False}
+    assert "extract" in first_run[0].stderr and "probe" in first_run[0].stderr  # tqdm bars
+
+
+def test_cli_second_run_reuses_cached_features(first_run, checkpoint, betons, tmp_path):
+    proc = run_probe(*probe_args(checkpoint, betons, f"--eval.out={tmp_path / 'again.json'}"))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "again.json") as f:
+        assert json.load(f)["cache_hits"] == {"train": True, "val": True}
+    cache_dir = os.path.join(os.path.dirname(checkpoint), "features")
+    assert {name: os.stat(os.path.join(cache_dir, name)).st_mtime_ns for name in os.listdir(cache_dir)} \
+        == first_run[1]
+    assert "extract" not in proc.stderr
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_cli_missing_checkpoint_fails_with_one_line(betons, tmp_path):
+    proc = run_probe(*probe_args(tmp_path / "nope.pt", betons))
+    assert_one_line_error(proc, "checkpoint not found", "nope.pt")
+
+
+def test_cli_file_that_is_not_a_checkpoint_fails_with_one_line(betons, tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    proc = run_probe(*probe_args(tmp_path / "other.pt", betons))
+    assert_one_line_error(proc, "not an hjepa checkpoint")
+
+
+def test_cli_checkpoint_of_another_architecture_fails_with_one_line(betons, tmp_path):
+    # model_config says vit_small, the saved weights are vit_tiny's
+    path = save_tiny_checkpoint(tmp_path / "checkpoint.pt", {**TINY, "arch": "vit_small"}, encoder_config=TINY)
+    proc = run_probe(*probe_args(path, betons))
+    assert_one_line_error(proc, "does not match", "vit_small", "shape of")
