@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hjepa.errors import UserError
 from hjepa.predictor import Predictor
-from hjepa.vit import INIT_STD, build_encoder, gather_tokens
+from hjepa.vit import INIT_STD, build_encoder, gather_tokens, trunc_normal_
 
 LOSSES = {"smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}  # both: mean over positions and dims
 
@@ -58,7 +58,7 @@ class LevelHeads(nn.Module):
         self.levels = list(levels)
         self.heads = nn.ModuleList(nn.Linear(predictor_embed_dim, embed_dim) for _ in self.levels)
         for head in self.heads:
-            nn.init.trunc_normal_(head.weight, std=INIT_STD, a=-2.0, b=2.0)
+            trunc_normal_(head.weight, INIT_STD)
             nn.init.zeros_(head.bias)
 
     def forward(self, hidden):  # (T*B, Nt, d) -> tuple of (T*B, Nt, D), one per entry of self.levels

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from hjepa.errors import UserError
-from hjepa.vit import INIT_STD, LAYER_NORM_EPS, Block, gather_tokens, init_transformer_weights, sincos_pos_embed_2d
+from hjepa.vit import (INIT_STD, LAYER_NORM_EPS, Block, gather_tokens, init_transformer_weights, sincos_pos_embed_2d,
+                       trunc_normal_)
 
 
 class Predictor(nn.Module):
@@ -28,7 +29,7 @@ class Predictor(nn.Module):
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LAYER_NORM_EPS)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
         init_transformer_weights(self, self.predictor_blocks)
-        nn.init.trunc_normal_(self.mask_token, std=INIT_STD, a=-2.0, b=2.0)
+        trunc_normal_(self.mask_token, INIT_STD)
 
     def forward(self, z_ctx, ctx_idx, tgt_idx, return_hidden=False):
         """Predict every target block from the context in one batched pass.

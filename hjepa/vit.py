@@ -113,14 +113,21 @@ class Block(nn.Module):
         return x
 
 
+def trunc_normal_(tensor, std):
+    """timm's / I-JEPA's trunc_normal_(std=std), whose bounds are +-2 in absolute units: at std 0.02
+    that is +-100 std, never reached, so a clamped normal draws the same distribution ~5x faster
+    (torch's inverse-CDF trunc_normal_ takes seconds on a CPU for vit_large)."""
+    with torch.no_grad():
+        return tensor.normal_(0.0, std).clamp_(-2.0, 2.0)
+
+
 def init_transformer_weights(module, blocks, init_std=INIT_STD):
     """I-JEPA's init: truncated-normal linears/convs, zero biases, unit LayerNorms, then divide each
     block's attn.proj and mlp.fc2 weights by sqrt(2 * layer_id) so the residual stream's variance
     does not grow with depth (I-JEPA `fix_init_weight`)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            # bounds +-2 in absolute units, as in timm/I-JEPA (so at std 0.02 barely truncated)
-            nn.init.trunc_normal_(m.weight, std=init_std, a=-2.0, b=2.0)
+            trunc_normal_(m.weight, init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
