@@ -207,7 +207,8 @@ class _SampleDataset:
             except Exception:
                 self.failed[index] = 1
                 source = np.zeros((8, 8, 3), np.uint8)  # never kept: the write is rejected
-        return resize_to_max_side(source, self.max_resolution), label
+        # Array sources may be strided views (memory-mapped STL-10); OpenCV wants contiguous memory.
+        return resize_to_max_side(np.ascontiguousarray(source), self.max_resolution), label
 
 
 def _page_size(max_resolution, estimated_bytes):
@@ -320,8 +321,8 @@ def write_beton(samples, write_path, *, dataset, split, class_names, source, max
     start = time.perf_counter()
     try:
         _run_writer(tmp_path, fields, data, num_workers=num_workers, chunk_size=chunk_size,
-                    page_size=_page_size(max_resolution, estimated_bytes), desc=f"writing {os.path.basename(write_path)}",
-                    progress=progress)
+                    page_size=_page_size(max_resolution, estimated_bytes),
+                    desc=f"writing {os.path.basename(write_path)}", progress=progress)
         failed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(data.failed, np.int8))]
         if failed:
             raise UserError(f"{len(failed)} images became unreadable while writing, first: {failed[0]}; "

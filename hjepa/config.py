@@ -254,7 +254,7 @@ def _declare_sections(cfg):
         compress_probability=_p(Number(0.0, 1.0), "JPEG fraction in proportion mode", default=0.5),
         num_workers=_p(Integer(1, 256), "writer processes", default=max(1, os.cpu_count() or 1)),
         chunk_size=_p(Integer(1), "samples per writer chunk", default=100),
-        subset=_p(Integer(-1), "write only the first N samples (-1 = all)", default=-1),
+        subset=_p(Integer(-1), "write N samples spread evenly over the (class-sorted) source, -1 = all", default=-1),
         allow_missing_classes=_p(Boolean(), "write ImageNet-100 even when classes are absent", default=False),
         max_bad_fraction=_p(Number(0.0, 1.0), "fail when more unreadable images than this", default=0.001),
         download=_p(Boolean(), "fetch CIFAR/STL archives with torchvision's helper", default=False),

@@ -1,0 +1,264 @@
+"""Readers of the source datasets: each returns the samples `hjepa.beton.write_beton` takes.
+
+Every reader returns `(samples, class_names)` with samples a list of (image_source, label):
+image_source is a file path (ImageNet, image folders) or an (H, W, 3) uint8 array view (CIFAR, STL-10;
+STL-10 views are memory-mapped, so the 2.7 GB unlabeled split is never held in RAM). A missing or
+malformed source is a UserError that says what should be where.
+"""
+import csv
+import os
+import pickle
+import sys
+
+import numpy as np
+
+from hjepa.errors import UserError
+
+CLASS_LIST_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100_classes.txt")
+
+# Official archives, as torchvision.datasets knows them (url, md5, folder the archive extracts to).
+ARCHIVES = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                 "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
+    "stl10": ("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+              "91f7769df0f17e558f3565bffb0c7dfb", "stl10_binary"),
+}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def _require_dir(data_dir, what):
+    if not data_dir:
+        raise UserError(f"no data_dir given: pass --cfg.data_dir=the folder holding {what}")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data_dir not found: {data_dir} (it should hold {what})")
+
+
+def _visible_entries(folder):
+    return sorted(e for e in os.listdir(folder) if not e.startswith("."))
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet-100 and generic image folders
+
+
+def imagenet100_class_list():
+    """The 100 CMC ImageNet-100 wnids (Tian et al. 2019); label = position in this list."""
+    with open(CLASS_LIST_PATH) as f:
+        return f.read().split()
+
+
+def _class_folder_samples(split_dir, class_to_label):
+    """[(path, label)] for every visible file in <split_dir>/<class>/ (non-images included: the
+    writer's check skips them with a warning naming each one)."""
+    samples = []
+    for name, label in class_to_label.items():
+        folder = os.path.join(split_dir, name)
+        if os.path.isdir(folder):
+            samples += [(os.path.join(folder, f), label) for f in _visible_entries(folder)
+                        if os.path.isfile(os.path.join(folder, f))]
+    return samples
+
+
+def _flat_val_solution(data_dir, split_dir):
+    for candidate in (os.path.join(data_dir, "LOC_val_solution.csv"), os.path.join(split_dir, "LOC_val_solution.csv")):
+        if os.path.isfile(candidate):
+            return candidate
+    raise UserError(f"{split_dir} holds images but no class folders, and no LOC_val_solution.csv was found "
+                    f"in {data_dir} or {split_dir}: use val/<wnid>/*.JPEG or flat val/*.JPEG plus "
+                    "LOC_val_solution.csv")
+
+
+def _read_val_solution(csv_path):
+    """{ImageId: wnid} from the official `ImageId,PredictionString` file (first box's wnid)."""
+    labels = {}
+    with open(csv_path, newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise UserError(f"{csv_path} must start with the header 'ImageId,PredictionString'")
+        for row in rows:
+            if len(row) >= 2 and row[1].split():
+                labels[row[0].strip()] = row[1].split()[0]
+    return labels
+
+
+def imagenet_samples(data_dir, split, *, class_list, allow_missing_classes=False):
+    """Samples of `split` (train | val) of an ImageNet-1k tree, keeping only the wnids of class_list.
+
+    Layouts: <data_dir>/<split>/<wnid>/*.JPEG, or for val the flat <data_dir>/val/*.JPEG with
+    LOC_val_solution.csv in <data_dir> or <data_dir>/val. Returns (samples, class_list, info) where
+    info = {"present": wnids found, "missing": wnids absent, "dropped_classes": other wnids seen}.
+    """
+    layout = "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or val/*.JPEG + LOC_val_solution.csv)"
+    _require_dir(data_dir, layout)
+    if split not in ("train", "val"):
+        raise UserError(f"ImageNet split must be train or val, got '{split}'")
+    split_dir = os.path.join(data_dir, split)
+    if not os.path.isdir(split_dir):
+        raise UserError(f"{split_dir} not found: data_dir must hold {layout} (ImageNet is never downloaded)")
+    entries = _visible_entries(split_dir)
+    class_dirs = [e for e in entries if os.path.isdir(os.path.join(split_dir, e))]
+    files = [e for e in entries if os.path.isfile(os.path.join(split_dir, e)) and e != "LOC_val_solution.csv"]
+    label_of = {wnid: i for i, wnid in enumerate(class_list)}
+    if class_dirs:
+        seen = set(class_dirs)
+        samples = _class_folder_samples(split_dir, {w: label_of[w] for w in class_list if w in seen})
+    elif files and split == "val":
+        solution = _read_val_solution(_flat_val_solution(data_dir, split_dir))
+        unlisted = [f for f in files if os.path.splitext(f)[0] not in solution]
+        if unlisted:
+            raise UserError(f"{len(unlisted)} images in {split_dir} are not in LOC_val_solution.csv, "
+                            f"first: {unlisted[0]}")
+        wnid_of = {f: solution[os.path.splitext(f)[0]] for f in files}
+        seen = set(wnid_of.values())
+        samples = sorted(((os.path.join(split_dir, f), label_of[w]) for f, w in wnid_of.items() if w in label_of),
+                         key=lambda s: (s[1], s[0]))
+    else:
+        raise UserError(f"{split_dir} holds no class folders: expected {split}/<wnid>/*.JPEG")
+    info = {"present": [w for w in class_list if w in seen],
+            "missing": [w for w in class_list if w not in seen],
+            "dropped_classes": sorted(seen - set(class_list))}
+    if info["missing"]:
+        message = (f"{len(info['missing'])} of the {len(class_list)} ImageNet-100 classes are missing from "
+                   f"{split_dir}: {' '.join(info['missing'])}")
+        if not allow_missing_classes:
+            raise UserError(message + " (pass --cfg.allow_missing_classes=1 to write anyway)")
+        print(f"warning: {message}; writing anyway (allow_missing_classes=1)", file=sys.stderr)
+    return samples, list(class_list), info
+
+
+def image_folder_samples(data_dir, split):
+    """Samples of <data_dir>/<split>/<class>/* with labels = sorted class folder names
+    (split "." reads class folders directly under data_dir). Returns (samples, class_names)."""
+    _require_dir(data_dir, "<split>/<class>/<images>")
+    split_dir = os.path.normpath(os.path.join(data_dir, split))
+    if not os.path.isdir(split_dir):
+        raise UserError(f"{split_dir} not found: data_dir must hold {split}/<class>/<images> "
+                        "(or pass --cfg.split=. for class folders directly in data_dir)")
+    class_names = [e for e in _visible_entries(split_dir) if os.path.isdir(os.path.join(split_dir, e))]
+    if not class_names:
+        raise UserError(f"{split_dir} holds no class folders: expected {split}/<class>/<images>")
+    return _class_folder_samples(split_dir, {c: i for i, c in enumerate(class_names)}), class_names
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR (official "python version" pickles) and STL-10 (official binaries)
+
+
+def _missing_files_error(dataset, base, missing):
+    url, _, folder = ARCHIVES[dataset]
+    return UserError(f"missing {dataset} files: {', '.join(missing)}; extract {url} into "
+                     f"{os.path.dirname(base) or '.'} so that {base}/ holds them, or pass --cfg.download=1")
+
+
+def locate_files(dataset, data_dir, names):
+    """Paths of `names` in <data_dir>/<official folder>/ (or directly in data_dir); UserError naming
+    each missing file and where it should be."""
+    _, _, folder = ARCHIVES[dataset]
+    if not data_dir:
+        raise UserError(f"no data_dir given: pass --cfg.data_dir=the folder that contains {folder}/")
+    base = os.path.join(data_dir, folder)
+    if not os.path.isdir(base) and all(os.path.isfile(os.path.join(data_dir, n)) for n in names):
+        base = data_dir  # data_dir is the official folder itself
+    missing = [os.path.join(base, n) for n in names if not os.path.isfile(os.path.join(base, n))]
+    if missing:
+        raise _missing_files_error(dataset, base, missing)
+    return [os.path.join(base, n) for n in names]
+
+
+def download(dataset, data_dir):
+    """Fetch and extract the official archive into data_dir with torchvision's helper (md5-checked)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    url, md5, _ = ARCHIVES[dataset]
+    download_and_extract_archive(url, download_root=data_dir, md5=md5)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches: plain containers and numpy arrays only, so a tampered file cannot
+    run code (pickle.load would import and call anything the file names)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _load_cifar_pickle(path):
+    try:
+        with open(path, "rb") as f:
+            # The official batches are Python 2 pickles: latin1 keeps numpy's byte strings intact.
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a CIFAR python-version batch ({e})")
+
+
+def _cifar_images(batch, path):
+    data = np.asarray(batch.get("data"))
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise UserError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+
+
+def cifar_samples(data_dir, split, *, variant):
+    """CIFAR-10 (variant "cifar10") or CIFAR-100 ("cifar100", fine labels) samples of train | test."""
+    if split not in ("train", "test"):
+        raise UserError(f"{variant} split must be train or test, got '{split}'")
+    if variant == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, class_names = "labels", CIFAR10_CLASSES
+        paths = locate_files(variant, data_dir, names)
+    else:
+        label_key = "fine_labels"
+        *paths, meta_path = locate_files(variant, data_dir, [split, "meta"])
+        class_names = list(_load_cifar_pickle(meta_path)["fine_label_names"])
+    samples = []
+    for path in paths:
+        batch = _load_cifar_pickle(path)
+        images, labels = _cifar_images(batch, path), np.asarray(batch.get(label_key, []), dtype=np.int64)
+        if len(labels) != len(images) or (len(labels) and not 0 <= labels.min() <= labels.max() < len(class_names)):
+            raise UserError(f"{path}: '{label_key}' must hold {len(images)} labels in 0..{len(class_names) - 1}")
+        samples += list(zip(images, labels.tolist()))
+    return samples, class_names
+
+
+STL_IMAGE_BYTES = 3 * 96 * 96
+STL_SPLITS = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"],
+              "train+unlabeled": ["train", "unlabeled"]}
+
+
+def _stl_images(path):
+    size = os.path.getsize(path)
+    if size % STL_IMAGE_BYTES:
+        raise UserError(f"{path} is {size} bytes, not a multiple of 3*96*96: not an STL-10 image file")
+    raw = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
+    # Each image is stored channel by channel in column-major (Fortran) order: axis 2 is x, axis 3 is y.
+    return raw.transpose(0, 3, 2, 1)  # (N, 96 rows, 96 cols, 3)
+
+
+def stl10_samples(data_dir, split):
+    """STL-10 samples of train | test | unlabeled | train+unlabeled; labels 1..10 -> 0..9, unlabeled -1."""
+    if split not in STL_SPLITS:
+        raise UserError(f"stl10 split must be one of {', '.join(STL_SPLITS)}, got '{split}'")
+    parts = STL_SPLITS[split]
+    names = [n for p in parts for n in ([f"{p}_X.bin"] + ([f"{p}_y.bin"] if p != "unlabeled" else []))]
+    paths = dict(zip(names, locate_files("stl10", data_dir, names)))
+    samples = []
+    for part in parts:
+        images = _stl_images(paths[f"{part}_X.bin"])
+        if part == "unlabeled":
+            labels = np.full(len(images), -1)
+        else:
+            y_path = paths[f"{part}_y.bin"]
+            labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
+            if len(labels) != len(images) or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
+                raise UserError(f"{y_path} must hold {len(images)} labels in 1..10")
+        samples += list(zip(images, labels.tolist()))
+    return samples, STL10_CLASSES

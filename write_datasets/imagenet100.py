@@ -1,0 +1,31 @@
+"""Write ImageNet-100 (the CMC 100-class subset of ImageNet-1k) to a .beton.
+
+  python write_datasets/imagenet100.py --cfg.data_dir=/data/imagenet --cfg.split=train \
+      --cfg.write_path=betons/imagenet100_train.beton
+
+cfg.data_dir is the ImageNet-1k folder that contains train/<wnid>/*.JPEG and val/ (either
+val/<wnid>/*.JPEG or flat val/*.JPEG with LOC_val_solution.csv beside val/ or inside it). A tree that
+already holds only the 100 classes works too. Only the 100 wnids of hjepa/imagenet100_classes.txt are
+kept; label = position in that list. On real data: 126,689 train and 5,000 val images. Missing
+classes stop the run (exit 1) unless --cfg.allow_missing_classes=1. ImageNet is never downloaded.
+Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this config).
+"""
+from writer_cli import write_split, writer_config
+
+from hjepa.errors import exit_on_user_error
+from hjepa.sources import imagenet100_class_list, imagenet_samples
+
+
+@exit_on_user_error
+def main(argv=None):
+    cfg = writer_config(__doc__, argv)
+    samples, class_names, info = imagenet_samples(
+        cfg["cfg.data_dir"], cfg["cfg.split"], class_list=imagenet100_class_list(),
+        allow_missing_classes=cfg["cfg.allow_missing_classes"])
+    print(f"{len(info['present'])} of 100 classes present; {len(info['dropped_classes'])} other classes "
+          "dropped", flush=True)
+    return write_split(cfg, samples, dataset="imagenet100", class_names=class_names, source=cfg["cfg.data_dir"])
+
+
+if __name__ == "__main__":
+    main()
