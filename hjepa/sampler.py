@@ -133,13 +133,14 @@ def weighted_epoch_indices(member_sizes, weights, *, epoch_samples=-1, seed, epo
     return union[rank * per_rank:(rank + 1) * per_rank]
 
 
-def random_epoch_indices(num_samples, *, seed, epoch, rank=0, world_size=1, batch_size=1):
-    """The `random` order: a fresh permutation each epoch, sharded like the weighted order.
+def random_epoch_indices(num_samples, *, epoch_samples=-1, seed, epoch, rank=0, world_size=1, batch_size=1):
+    """The `random` order: the weighted order with one member of weight 1, sharded the same way.
 
-    The tail beyond a multiple of world_size * batch_size is not dropped but carried into the next
-    epoch (one member with weight 1), so every sample is seen equally often over a run.
+    With the default E (= num_samples, rounded down to a multiple of world_size * batch_size) epoch e
+    is the next E indices of an endless stream of fresh permutations: the few samples a full-batch
+    epoch cannot hold open the next epoch instead of being dropped, so all are seen equally often.
     """
-    return weighted_epoch_indices([num_samples], [1.0], epoch_samples=num_samples, seed=seed, epoch=epoch,
+    return weighted_epoch_indices([num_samples], [1.0], epoch_samples=epoch_samples, seed=seed, epoch=epoch,
                                   rank=rank, world_size=world_size, batch_size=batch_size)
 
 

@@ -1,0 +1,272 @@
+"""FFCV loaders for JEPA training and evaluation: the only module that builds `ffcv.Loader`s.
+
+Batches are `(images, labels, dataset_idx)`: images uint8 (B, 3, H, W) (channels_last memory) on the
+CPU, labels and dataset_idx int64 (B,); dataset_idx is all zeros for a single-dataset beton. They are
+views into FFCV's rotating buffers, valid until a few more batches have been drawn: use them at
+once (move to the device, normalise) or clone them. Normalisation runs on the training device, in the
+model's dtype (`normalize_images`).
+
+Reproducibility: the sample order is a pure function of (seed, epoch, rank, world size) (hjepa.sampler)
+and every random augmentation is a hash of (seed, rank, epoch, batch, position) (hjepa.ops), so the
+same epoch gives the same batches in a fresh process, and `set_epoch(epoch, start_batch=k)` resumes
+at batch k without decoding batches 0..k-1.
+"""
+import os
+import queue
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.compiler import Compiler
+from ffcv.reader import Reader
+from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+from hjepa import sampler
+from hjepa.beton import beton_num_samples, read_manifest
+from hjepa.errors import UserError
+from hjepa.ops import ColorJitter, SeededHorizontalFlip, SeededRandomResizedCrop
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_RATIO = 224 / 256  # centre crop of the seed's eval transform (Resize 256, CenterCrop 224)
+TRAIN_ORDERS = ("random", "quasi_random", "weighted", "balanced")
+
+
+class JepaLoader:
+    """An FFCV Loader with explicit epochs, resumable mid-epoch, that never leaks its worker thread.
+
+    Iterating runs epoch `self.epoch` (then advances it); `set_epoch(e, start_batch=k)` chooses the
+    next one. `close()` (or leaving a `with` block, or dropping an iterator) stops the background
+    thread: FFCV 1.0.2's EpochIterator otherwise stays alive when abandoned (upstream #345, #393).
+    """
+
+    def __init__(self, loader, *, seeded_ops, has_dataset_idx, members=None, epoch_counts=None):
+        self.loader = loader
+        self.batch_size = loader.batch_size
+        self.seeded_ops = seeded_ops
+        self.has_dataset_idx = has_dataset_idx
+        self.members = members            # [(name, num_samples)] for multi-dataset betons
+        self.epoch_counts = epoch_counts  # samples per member per epoch, all ranks (weighted orders)
+        self.epoch, self.start_batch = 0, 0
+        self._output_names = list(loader.graph.leaf_nodes.keys())  # FFCV's output tuple order
+        self._iterator = None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch, start_batch=0):
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        epoch, start_batch = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0
+        self.close()
+        order = np.asarray(self.loader.traversal_order.sample_order(epoch))
+        order = order[:len(self) * self.batch_size][start_batch * self.batch_size:]
+        for op in self.seeded_ops:
+            op.cell.set(epoch, start_batch)
+        # What Loader.__iter__ does, minus its epoch counter and with our slice of the order.
+        Compiler.set_num_threads(self.loader.num_workers)
+        self.loader.next_epoch = epoch + 1
+        iterator = self._iterator = EpochIterator(self.loader, order)
+        try:
+            for outputs in iterator:
+                yield self._as_triplet(outputs)
+        finally:
+            _stop_epoch_iterator(iterator)
+            if self._iterator is iterator:
+                self._iterator = None
+
+    def _as_triplet(self, outputs):
+        named = dict(zip(self._output_names, outputs))
+        labels = named["label"]
+        dataset_idx = named["dataset_idx"] if self.has_dataset_idx else torch.zeros_like(labels)
+        return named["image"], labels, dataset_idx  # (B, 3, H, W) uint8, (B,) int64, (B,) int64
+
+    def close(self):
+        if self._iterator is not None:
+            _stop_epoch_iterator(self._iterator)
+            self._iterator = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _stop_epoch_iterator(iterator):
+    """Stop an FFCV EpochIterator thread after at most the batch it is decoding.
+
+    Its loop only checks `terminate_event` when the output queue is full, and at the end of the
+    order it blocks on `put(None)` without a timeout. So: give it no further batches, then drain the
+    queue until the thread has ended.
+    """
+    iterator.iter_ixes = iter(())
+    iterator.terminate_event.set()
+    while iterator.is_alive():
+        try:
+            iterator.output_queue.get(timeout=0.05)
+        except queue.Empty:
+            pass
+    iterator.join()
+    iterator.close()
+
+
+def _inspect_beton(path):
+    """Field names of the beton at `path`; UserError if it is missing or not a beton with image, label."""
+    path = os.fspath(path)
+    if not path:
+        raise UserError("no beton path given (data.train_dataset / data.val_dataset)")
+    if not os.path.isfile(path):
+        raise UserError(f"beton not found: {path} (write it with write_datasets/*.py)")
+    num_samples = beton_num_samples(path)  # UserError if the header is not a beton's
+    fields = list(Reader(path).handlers)
+    for needed in ("image", "label"):
+        if needed not in fields:
+            raise UserError(f"{path} has no '{needed}' field (fields: {', '.join(fields)})")
+    return fields, num_samples
+
+
+def _members(path, num_samples):
+    """[(name, num_samples)] of a beton from its manifest; one member for a single-dataset beton."""
+    manifest = read_manifest(path)
+    if "members" not in manifest:
+        return [(manifest["dataset"], num_samples)]
+    members, start = [], 0
+    for m in manifest["members"]:
+        if m["index_start"] != start or m["index_end"] - m["index_start"] != m["num_samples"]:
+            raise UserError(f"manifest of {path}: member '{m['name']}' does not continue the index range "
+                            f"at {start}; rewrite it with write_datasets/multi.py")
+        members.append((m["name"], m["num_samples"]))
+        start = m["index_end"]
+    if start != num_samples:
+        raise UserError(f"manifest of {path}: members hold {start} samples, the beton {num_samples}")
+    return members
+
+
+def _rank_and_world(distributed):
+    if not distributed:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _label_pipeline():
+    return [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) -> (B,), also when B == 1
+
+
+def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=(0.8, 1.0), flip=True,
+                       color_jitter=0.0, in_memory=True, order="random", seed=0, mixture=None,
+                       epoch_samples=-1, distributed=False, drop_last=True):
+    """The JEPA train loader: seeded random-resized crop (ratio 3/4..4/3), flip, optional colour jitter.
+
+    order: random | quasi_random | weighted (by `mixture`, 'name:weight,...') | balanced (equal
+    weights over the members). random/weighted/balanced cover exactly floor(E / (world*B)) batches
+    per rank and epoch (E = epoch_samples, -1 = the beton's size); see hjepa.sampler.
+    """
+    fields, num_samples = _inspect_beton(path)
+    if order not in TRAIN_ORDERS:
+        raise UserError(f"data.order={order!r} is not one of {'|'.join(TRAIN_ORDERS)}")
+    if mixture and order != "weighted":
+        raise UserError(f"data.mixture is set but data.order={order}; use data.order=weighted")
+    if order == "quasi_random" and (distributed or epoch_samples != -1):
+        raise UserError("data.order=quasi_random works only without hardware.distributed and data.epoch_samples")
+    rank, world_size = _rank_and_world(distributed)
+    members, epoch_counts = None, None
+    if order in ("weighted", "balanced"):
+        members = _members(path, num_samples)
+        names, sizes = [n for n, _ in members], [s for _, s in members]
+        if order == "weighted":
+            if not mixture:
+                raise UserError("data.order=weighted needs data.mixture, e.g. imagenet100:0.6,stl10:0.4")
+            weights = list(sampler.parse_mixture(mixture, names).values())
+        else:
+            weights = [1.0] * len(names)
+        indices_for_epoch = lambda epoch: sampler.weighted_epoch_indices(  # noqa: E731
+            sizes, weights, epoch_samples=epoch_samples, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, batch_size=batch_size)
+        epoch_counts = sampler.expected_counts(sizes, weights, epoch_samples=epoch_samples,
+                                               world_size=world_size, batch_size=batch_size)
+        total = int(epoch_counts.sum())
+    elif order == "random":
+        indices_for_epoch = lambda epoch: sampler.random_epoch_indices(  # noqa: E731
+            num_samples, epoch_samples=epoch_samples, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, batch_size=batch_size)
+        total = sampler.effective_epoch_samples([num_samples], epoch_samples=epoch_samples,
+                                                world_size=world_size, batch_size=batch_size)
+    else:
+        total = (num_samples // batch_size) * batch_size if drop_last else num_samples
+    if total == 0:
+        raise UserError(f"data.batch_size={batch_size} x {world_size} process(es) is more than the "
+                        f"{num_samples if epoch_samples == -1 else epoch_samples} samples per epoch of {path}")
+
+    # Augmentations of different ranks must differ: their seed mixes in the rank.
+    op_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+    image_ops = [SeededRandomResizedCrop((image_size, image_size), scale=tuple(crop_scale),
+                                         ratio=(3 / 4, 4 / 3), seed=op_seed)]
+    if flip:
+        image_ops.append(SeededHorizontalFlip(seed=op_seed))
+    if color_jitter > 0:
+        image_ops.append(ColorJitter(color_jitter, seed=op_seed))
+    seeded_ops = list(image_ops)
+    # Every numba op stays before ToTensor: jitted -> torch -> jitted hangs FFCV (stack.md pitfall 1).
+    image_ops += [ToTensor(), ToTorchImage()]
+
+    if order == "quasi_random":
+        ffcv_order = OrderOption.QUASI_RANDOM
+    else:
+        ffcv_order = sampler.register_order(f"{order} {path}", indices_for_epoch)
+    try:
+        loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
+                        order=ffcv_order, seed=seed, drop_last=drop_last,
+                        pipelines=_pipelines(fields, image_ops))
+    finally:
+        sampler.unregister_order(ffcv_order)
+    return JepaLoader(loader, seeded_ops=seeded_ops, has_dataset_idx="dataset_idx" in fields,
+                      members=members, epoch_counts=epoch_counts)
+
+
+def build_eval_loader(path, *, batch_size, num_workers, image_size, in_memory=True, distributed=False):
+    """The JEPA eval loader: centre crop (224/256 of the short side) resized to image_size, sequential.
+
+    Keeps the last partial batch. distributed=True shards like DistributedSampler(shuffle=False),
+    which pads the last rank with repeated samples.
+    """
+    fields, _ = _inspect_beton(path)
+    _rank_and_world(distributed)
+    image_ops = [CenterCropRGBImageDecoder((image_size, image_size), ratio=EVAL_CROP_RATIO),
+                 ToTensor(), ToTorchImage()]
+    loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
+                    order=OrderOption.SEQUENTIAL, distributed=distributed, drop_last=False,
+                    pipelines=_pipelines(fields, image_ops))
+    return JepaLoader(loader, seeded_ops=[], has_dataset_idx="dataset_idx" in fields)
+
+
+def _pipelines(fields, image_ops):
+    """Fresh op instances for every Loader: FFCV ops must not be shared (stack.md pitfall 2)."""
+    pipelines = {name: None for name in fields}  # fields we do not read are not decoded
+    pipelines["image"] = image_ops
+    pipelines["label"] = _label_pipeline()
+    if "dataset_idx" in fields:
+        pipelines["dataset_idx"] = _label_pipeline()
+    return pipelines
+
+
+def normalize_images(images, device, dtype):
+    """uint8 (B, 3, H, W) -> (images/255 - ImageNet mean) / std as `dtype` on `device`.
+
+    Arithmetic in float32 on the device (cheap there, and a quarter of the host->device bytes),
+    then one cast to the model's dtype.
+    """
+    device = torch.device(device)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    images = images.to(device, non_blocking=True).float()
+    return ((images - mean) / std).to(dtype)  # (B, 3, H, W)
