@@ -38,8 +38,8 @@ TRAIN_ORDERS = ("random", "quasi_random", "weighted", "balanced")
 class JepaLoader:
     """An FFCV Loader with explicit epochs, resumable mid-epoch, that never leaks its worker thread.
 
-    Iterating runs epoch `self.epoch` (then advances it); `set_epoch(e, start_batch=k)` chooses the
-    next one. `close()` (or leaving a `with` block, or dropping an iterator) stops the background
+    `epoch(e, start_batch=k)` iterates epoch e from batch k; plain iteration runs `next_epoch` and
+    advances it (`set_epoch(e, start_batch=k)` chooses it). `close()` (or leaving a `with` block, or dropping an iterator) stops the background
     thread: FFCV 1.0.2's EpochIterator otherwise stays alive when abandoned (upstream #345, #393).
     """
 
@@ -50,7 +50,7 @@ class JepaLoader:
         self.has_dataset_idx = has_dataset_idx
         self.members = members            # [(name, num_samples)] for multi-dataset betons
         self.epoch_counts = epoch_counts  # samples per member per epoch, all ranks (weighted orders)
-        self.epoch, self.start_batch = 0, 0
+        self.next_epoch, self.start_batch = 0, 0
         self._output_names = list(loader.graph.leaf_nodes.keys())  # FFCV's output tuple order
         self._iterator = None
 
@@ -60,11 +60,19 @@ class JepaLoader:
     def set_epoch(self, epoch, start_batch=0):
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
-        self.epoch, self.start_batch = epoch, start_batch
+        self.next_epoch, self.start_batch = epoch, start_batch
+
+    def epoch(self, epoch, start_batch=0):
+        """An iterator over epoch `epoch` from batch `start_batch` on (batches before it are not decoded)."""
+        self.set_epoch(epoch, start_batch)
+        return iter(self)
 
     def __iter__(self):
-        epoch, start_batch = self.epoch, self.start_batch
-        self.epoch, self.start_batch = epoch + 1, 0
+        epoch, start_batch = self.next_epoch, self.start_batch
+        self.next_epoch, self.start_batch = epoch + 1, 0
+        return self._run_epoch(epoch, start_batch)
+
+    def _run_epoch(self, epoch, start_batch):
         self.close()
         order = np.asarray(self.loader.traversal_order.sample_order(epoch))
         order = order[:len(self) * self.batch_size][start_batch * self.batch_size:]

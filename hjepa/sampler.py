@@ -193,3 +193,11 @@ def format_expected_counts(member_names, member_sizes, counts):
         lines.append(f"{name:<16}{int(size):>10}{int(count):>12}{count / max(total, 1):>8.3f}{passes:>8.2f}")
     lines.append(f"{'total':<16}{int(np.sum(member_sizes)):>10}{total:>12}")
     return "\n".join(lines)
+
+
+def expected_counts_table(loader):
+    """The table for a hjepa.data loader with a weighted/balanced order; "" for other orders."""
+    if getattr(loader, "epoch_counts", None) is None:
+        return ""
+    names, sizes = zip(*loader.members)
+    return format_expected_counts(names, sizes, loader.epoch_counts)
