@@ -1,0 +1,54 @@
+"""Procedural images: deterministic, class = object kind (not colour), ImageNet-style trees."""
+import csv
+import os
+
+import numpy as np
+
+from hjepa.synthetic import KINDS, draw_image, make_images, make_imagenet_tree
+
+
+def test_images_are_a_pure_function_of_the_seed():
+    first, again, other = (make_images(2, 3, size=(40, 30), seed=s) for s in (5, 5, 6))
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(first, again))
+    assert not any(np.array_equal(a, b) for (a, _), (b, _) in zip(first, other))
+
+
+def test_make_images_labels_classes_in_blocks_with_requested_size():
+    samples = make_images(3, 4, size=(40, 30))
+    assert [label for _, label in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert all(image.shape == (30, 40, 3) and image.dtype == np.uint8 for image, _ in samples)
+
+
+def test_colour_says_nothing_about_the_class():
+    # Mean colour per class over many images sits near mid-grey for every kind: colours are random.
+    means = [np.mean([draw_image(kind, np.random.default_rng([i, k]), (32, 24)).mean(axis=(0, 1))
+                      for i in range(40)], axis=0) for k, kind in enumerate(KINDS[:4])]
+    assert np.ptp(np.array(means), axis=0).max() < 30
+
+
+def test_every_kind_draws_a_visible_object():
+    rng = np.random.default_rng(0)
+    for kind in KINDS:
+        image = draw_image(kind, rng, (64, 48))
+        assert image.std() > 10, kind
+
+
+def test_flat_val_tree_has_official_solution_file(tmp_path):
+    counts = make_imagenet_tree(str(tmp_path), wnids=["n01749939", "n02869837"], decoy_wnids=["n01440764"],
+                                train_per_class=2, val_per_class=2, size=(32, 24), val_layout="flat")
+    assert counts == {"train": 6, "val": 6}
+    assert sorted(os.listdir(tmp_path / "train")) == ["n01440764", "n01749939", "n02869837"]
+    val_files = sorted(os.listdir(tmp_path / "val"))
+    assert val_files[0] == "ILSVRC2012_val_00000001.JPEG" and len(val_files) == 6
+    with open(tmp_path / "LOC_val_solution.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ImageId", "PredictionString"]
+    image_id, prediction = rows[1]
+    wnid, *box = prediction.split()
+    assert image_id == "ILSVRC2012_val_00000001" and wnid == "n01749939" and len(box) == 4
+
+
+def test_folder_val_tree_puts_val_images_under_their_wnid(tmp_path):
+    make_imagenet_tree(str(tmp_path), wnids=["n01749939"], train_per_class=1, val_per_class=3, size=(32, 24))
+    assert len(os.listdir(tmp_path / "val" / "n01749939")) == 3
+    assert not (tmp_path / "LOC_val_solution.csv").exists()
