@@ -159,12 +159,13 @@ class HJEPA(nn.Module):
         return modules
 
     def param_groups(self, weight_decay):
-        """AdamW groups: decay iff p.ndim >= 2 (weights), none on biases, norms and the mask token."""
+        """AdamW groups: decay iff p.ndim >= 2 (weight matrices and kernels); none on biases, norms and
+        the predictor's mask token (an embedding, exempt like timm's cls/pos tokens though it is 3-D)."""
         decay, no_decay = [], []
         for module in self.trainable_modules().values():
-            for p in module.parameters():
+            for name, p in module.named_parameters():
                 if p.requires_grad:
-                    (decay if p.ndim >= 2 else no_decay).append(p)
+                    (decay if p.ndim >= 2 and not name.endswith("mask_token") else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay, "apply_weight_decay": True},
                 {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False}]
 

@@ -151,7 +151,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         # A fixed buffer, not a Parameter: never trained, never in an optimizer, still in the state_dict.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, self.grid_size).unsqueeze(0))
-        drop_rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+        drop_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, rate) for rate in drop_rates)
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         init_transformer_weights(self, self.blocks)
