@@ -81,6 +81,11 @@ class HJEPA(nn.Module):
         self.model_config = {}  # filled by build_model
 
     @property
+    def grid_size(self):
+        """(rows, cols) of the patch grid, as hjepa.masks.sample_masks takes it."""
+        return (self.context_encoder.grid_size, self.context_encoder.grid_size)
+
+    @property
     def num_levels(self):
         return len(self.level_weights)
 

@@ -4,7 +4,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from hjepa.flops import expected_token_counts, mfu, step_flops_breakdown, train_step_flops
+from hjepa.flops import (expected_token_counts, mfu, sampled_token_counts, step_flops_breakdown, train_flops_per_image,
+                         train_step_flops)
 from hjepa.model import build_model
 
 
@@ -58,16 +59,25 @@ def test_vit_small_target_forward_is_about_9_2_gflops():
     assert parts["target"] == pytest.approx(9.2e9, rel=0.03)
 
 
-def test_expected_token_counts_follow_the_masking_scales():
-    num_context, num_target = expected_token_counts(grid_size=14, num_targets=4, target_scale=(0.15, 0.2),
-                                                    target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
-                                                    allow_overlap=False)
-    assert 0.15 * 196 * 0.85 < num_target < 0.2 * 196 * 1.15
-    assert num_context < 0.85 * 196  # targets are cut out of the context block
-    overlapping_context, _ = expected_token_counts(grid_size=14, num_targets=4, target_scale=(0.15, 0.2),
-                                                   target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
-                                                   allow_overlap=True)
-    assert 0.85 * 169 < overlapping_context <= 169  # block sides stay below the grid side (13 x 13 max)
+IJEPA_MASKING = dict(num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+                     context_scale=(0.85, 1.0), context_aspect=1.0, allow_overlap=False, min_keep=10)
+
+
+def test_expected_token_counts_match_sampled_masks_of_one_image():
+    expected_context, expected_target = expected_token_counts(grid_size=14, **IJEPA_MASKING)
+    sampled_context, sampled_target = sampled_token_counts(grid_size=14, batch_size=1, masking=IJEPA_MASKING,
+                                                           samples=200)
+    assert expected_target == pytest.approx(sampled_target, rel=0.03)
+    assert expected_context == pytest.approx(sampled_context, rel=0.05)
+
+
+def test_sampled_counts_see_the_context_cut_to_the_batch_minimum():
+    one, _ = sampled_token_counts(grid_size=14, batch_size=1, masking=IJEPA_MASKING)
+    many, _ = sampled_token_counts(grid_size=14, batch_size=64, masking=IJEPA_MASKING)
+    assert many < 0.8 * one
+    config = dict(arch="vit_small", patch_size=16, image_size=224, predictor_embed_dim=384, predictor_depth=6)
+    assert (train_flops_per_image(config, masking=IJEPA_MASKING, num_patches=196, batch_size=64)
+            < train_flops_per_image(config, masking=IJEPA_MASKING, num_patches=196))
 
 
 def test_mfu_is_achieved_over_peak_flops():
