@@ -24,7 +24,6 @@ from hjepa import probe
 from hjepa.beton import read_manifest
 from hjepa.checkpoint import load_checkpoint, load_state_strict
 from hjepa.config import config_from_cli, format_config
-from hjepa.data import build_eval_loader
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.vit import build_encoder
 
@@ -83,11 +82,14 @@ def features_for(cfg, beton_path, manifest, encoder, *, encoder_key, cache_dir, 
     cache_path = probe.feature_cache_path(cache_dir, key, name=name)
 
     def extract():
-        loader = build_eval_loader(beton_path, batch_size=cfg["eval.extract_batch_size"],
-                                   num_workers=cfg["eval.num_workers"], image_size=image_size,
-                                   in_memory=cfg["data.in_memory"])
-        return probe.extract_features(encoder, loader, device=device, dtype=dtype,
-                                      last_k_blocks=cfg["eval.last_k_blocks"], progress=cfg["logging.progress"])
+        from hjepa.data import build_eval_loader  # imports ffcv (seconds of JIT): only when extracting
+
+        with build_eval_loader(beton_path, batch_size=cfg["eval.extract_batch_size"],
+                               num_workers=cfg["eval.num_workers"], image_size=image_size,
+                               in_memory=cfg["data.in_memory"]) as loader:
+            return probe.extract_features(encoder, loader, device=device, dtype=dtype,
+                                          last_k_blocks=cfg["eval.last_k_blocks"],
+                                          progress=cfg["logging.progress"])
 
     start = time.perf_counter()
     features, labels, hit = probe.cached_features(cache_path, key, extract)
@@ -110,17 +112,17 @@ def main(argv=None):
     for key in ("eval.train_dataset", "eval.val_dataset"):
         if not cfg[key]:
             raise UserError(f"{key} is empty: give --{key}=PATH.beton")
-    train_manifest = read_manifest(cfg["eval.train_dataset"])
-    val_manifest = read_manifest(cfg["eval.val_dataset"])
-    if train_manifest["dataset"] != val_manifest["dataset"]:
-        raise UserError(f"train beton is {train_manifest['dataset']} but val beton is {val_manifest['dataset']}: "
-                        "a probe's classes only mean something within one dataset")
-
+    # The checkpoint first: a wrong path fails before read_manifest pays ffcv's import.
     ckpt, model_config = encoder_spec(cfg)
     image_size = cfg["eval.image_size"] or model_config["image_size"]
     encoder = build_frozen_encoder(cfg, ckpt, model_config, image_size)
     if cfg["eval.last_k_blocks"] > encoder.depth:
         raise UserError(f"eval.last_k_blocks={cfg['eval.last_k_blocks']} exceeds the encoder's {encoder.depth} blocks")
+    train_manifest = read_manifest(cfg["eval.train_dataset"])
+    val_manifest = read_manifest(cfg["eval.val_dataset"])
+    if train_manifest["dataset"] != val_manifest["dataset"]:
+        raise UserError(f"train beton is {train_manifest['dataset']} but val beton is {val_manifest['dataset']}: "
+                        "a probe's classes only mean something within one dataset")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder.to(device)

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hjepa.data import normalize_images
-
 UNLABELED = -1  # label of samples without a class (STL-10 unlabeled split); never trained or scored on
 
 
@@ -33,6 +31,10 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
 
     Returns (features float32 (N, D * k) on the CPU, labels int64 (N,)).
     """
+    # Imported here, not at the top: hjepa.data imports ffcv, which JIT-compiles for seconds at import,
+    # and the probe and k-NN functions below need none of it.
+    from hjepa.data import normalize_images
+
     device = torch.device(device)
     was_training = encoder.training
     encoder.eval()
@@ -56,14 +58,10 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
 
 
 def _num_samples(loader):
-    # ffcv.Loader knows its sample count; anything else gets a bar without a total.
-    for attribute in ("indices", "dataset"):
-        if hasattr(loader, attribute):
-            try:
-                return len(getattr(loader, attribute))
-            except TypeError:
-                pass
-    return None
+    """Samples the bar should expect: hjepa.data's JepaLoader wraps an ffcv.Loader whose `indices`
+    lists what it reads; any other iterable gets a bar without a total."""
+    indices = getattr(getattr(loader, "loader", loader), "indices", None)
+    return len(indices) if indices is not None else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def gaussian_blobs(num_classes, per_class, dim=32, seed=0, spread=1.0):
     return centres[labels] + spread * noise, labels  # (N, D), (N,)
 
 
-PROBE_KWARGS = dict(epochs=30, lr=0.1, weight_decay=0.0, batch_size=64, seed=0, device="cpu", progress=False)
+PROBE_KWARGS = dict(epochs=10, lr=0.1, weight_decay=0.0, batch_size=100, seed=0, device="cpu", progress=False)
 
 # ----------------------------------------------------------------------------------------------
 # Linear probe and k-NN on synthetic features
@@ -236,3 +236,17 @@ def test_cli_checkpoint_of_another_architecture_fails_with_one_line(betons, tmp_
     path = save_tiny_checkpoint(tmp_path / "checkpoint.pt", {**TINY, "arch": "vit_small"}, encoder_config=TINY)
     proc = run_probe(*probe_args(path, betons))
     assert_one_line_error(proc, "does not match", "vit_small", "shape of")
+
+
+def test_cli_random_init_probes_an_untrained_encoder_of_the_model_section(betons, tmp_path):
+    # The same beton as train and val: the val features come from the train entry of the cache.
+    out = tmp_path / "random.json"
+    proc = run_probe("--eval.random_init=1", "--model.arch=vit_tiny", "--model.patch_size=8",
+                     "--data.image_size=32", f"--eval.train_dataset={betons[0]}", f"--eval.val_dataset={betons[0]}",
+                     "--eval.epochs=5", "--eval.num_workers=1", f"--eval.cache_dir={tmp_path / 'features'}",
+                     f"--eval.out={out}")
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as f:
+        result = json.load(f)
+    assert (result["encoder"], result["arch"], result["checkpoint"]) == ("random", "vit_tiny", None)
+    assert result["cache_hits"] == {"train": False, "val": True}
