@@ -289,9 +289,11 @@ def write_beton(samples, write_path, *, dataset, split, class_names, source, max
     samples = list(samples)
     if not samples:
         raise UserError(f"no samples to write for {dataset} split '{split}' (source: {source})")
-    for index, (image_source, _) in enumerate(samples):
+    for index, (image_source, label) in enumerate(samples):
         if not _is_path(image_source):
             _check_array(image_source, index)
+        if not -1 <= label < len(class_names):
+            raise ValueError(f"sample {index}: label {label} outside -1..{len(class_names) - 1}")
     if write_mode not in ("jpg", "raw", "proportion"):
         raise ValueError(f"write_mode must be jpg, raw or proportion, got {write_mode!r}")
     os.makedirs(os.path.dirname(os.path.abspath(write_path)), exist_ok=True)

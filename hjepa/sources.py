@@ -63,12 +63,15 @@ def _class_folder_samples(split_dir, class_to_label):
 
 
 def _flat_val_solution(data_dir, split_dir):
-    for candidate in (os.path.join(data_dir, "LOC_val_solution.csv"), os.path.join(split_dir, "LOC_val_solution.csv")):
+    # Kaggle's copy keeps the csv three levels above ILSVRC/Data/CLS-LOC (the folder holding val/).
+    folders = [split_dir, data_dir] + [os.path.join(data_dir, *[".."] * up) for up in (1, 2, 3)]
+    for folder in folders:
+        candidate = os.path.normpath(os.path.join(folder, "LOC_val_solution.csv"))
         if os.path.isfile(candidate):
             return candidate
     raise UserError(f"{split_dir} holds images but no class folders, and no LOC_val_solution.csv was found "
-                    f"in {data_dir} or {split_dir}: use val/<wnid>/*.JPEG or flat val/*.JPEG plus "
-                    "LOC_val_solution.csv")
+                    f"in {split_dir}, {data_dir} or up to three folders above it: use val/<wnid>/*.JPEG or "
+                    "flat val/*.JPEG plus LOC_val_solution.csv")
 
 
 def _read_val_solution(csv_path):

@@ -62,25 +62,25 @@ def draw_image(kind, rng, size=(64, 48)):
     width, height = size
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     # Background: a gradient between two random colours along a random direction, plus blotches.
-    angle = rng.uniform(0, 2 * np.pi)
+    angle = np.float32(rng.uniform(0, 2 * np.pi))
     ramp = (x * np.cos(angle) + y * np.sin(angle)) / max(width, height)
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    colour_a, colour_b = rng.uniform(0, 255, size=(2, 3))
+    colour_a, colour_b = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
     image = colour_a + ramp[..., None] * (colour_b - colour_a)  # (H, W, 3)
     image += 35 * _smooth_noise(rng, height, width, int(rng.integers(3, 9)))[..., None]
     # Foreground object, with its own colour and shading texture.
-    radius = rng.uniform(0.2, 0.42) * min(width, height)
-    cx = rng.uniform(radius, width - radius)
-    cy = rng.uniform(radius, height - radius)
-    rotation = rng.uniform(0, 2 * np.pi)
+    radius = np.float32(rng.uniform(0.2, 0.42) * min(width, height))
+    cx = np.float32(rng.uniform(radius, width - radius))
+    cy = np.float32(rng.uniform(radius, height - radius))
+    rotation = np.float32(rng.uniform(0, 2 * np.pi))
     dx, dy = (x - cx) / radius, (y - cy) / radius
     u = dx * np.cos(rotation) + dy * np.sin(rotation)
     v = -dx * np.sin(rotation) + dy * np.cos(rotation)
     mask = _object_mask(kind, u, v)
-    colour = rng.uniform(0, 255, size=3)
+    colour = rng.uniform(0, 255, size=3).astype(np.float32)
     shade = colour + 40 * _smooth_noise(rng, height, width, 12)[..., None]
     image = np.where(mask[..., None], shade, image)
-    image += rng.normal(0, 6, size=image.shape)  # sensor-like grain
+    image += 6 * rng.standard_normal(size=image.shape, dtype=np.float32)  # sensor-like grain
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

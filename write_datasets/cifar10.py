@@ -1,6 +1,6 @@
 """Write CIFAR-10 (official "python version" pickles) to a .beton.
 
-  python write_datasets/cifar10.py --cfg.data_dir=/data --cfg.split=train \
+  python write_datasets/cifar10.py --cfg.data_dir=/data --cfg.split=train \\
       --cfg.write_path=betons/cifar10_train.beton
 
 cfg.data_dir is the folder that contains cifar-10-batches-py/ (holding data_batch_1..5 (train) and test_batch (test)), or that folder itself.

@@ -1,6 +1,6 @@
 """Write CIFAR-100 (official "python version" pickles) to a .beton.
 
-  python write_datasets/cifar100.py --cfg.data_dir=/data --cfg.split=train \
+  python write_datasets/cifar100.py --cfg.data_dir=/data --cfg.split=train \\
       --cfg.write_path=betons/cifar100_train.beton
 
 cfg.data_dir is the folder that contains cifar-100-python/ (holding train, test and meta), or that folder itself.

@@ -1,6 +1,6 @@
 """Write any class-per-folder image tree to a .beton.
 
-  python write_datasets/imagefolder.py --cfg.data_dir=/data/flowers --cfg.split=train \
+  python write_datasets/imagefolder.py --cfg.data_dir=/data/flowers --cfg.split=train \\
       --cfg.write_path=betons/flowers_train.beton
 
 cfg.data_dir is the folder that contains <split>/<class>/<images> (pass --cfg.split=. when the class

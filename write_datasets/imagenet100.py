@@ -1,13 +1,14 @@
 """Write ImageNet-100 (the CMC 100-class subset of ImageNet-1k) to a .beton.
 
-  python write_datasets/imagenet100.py --cfg.data_dir=/data/imagenet --cfg.split=train \
+  python write_datasets/imagenet100.py --cfg.data_dir=/data/imagenet --cfg.split=train \\
       --cfg.write_path=betons/imagenet100_train.beton
 
-cfg.data_dir is the ImageNet-1k folder that contains train/<wnid>/*.JPEG and val/ (either
-val/<wnid>/*.JPEG or flat val/*.JPEG with LOC_val_solution.csv beside val/ or inside it). A tree that
-already holds only the 100 classes works too. Only the 100 wnids of hjepa/imagenet100_classes.txt are
-kept; label = position in that list. On real data: 126,689 train and 5,000 val images. Missing
-classes stop the run (exit 1) unless --cfg.allow_missing_classes=1. ImageNet is never downloaded.
+cfg.data_dir is the ImageNet-1k folder that contains train/<wnid>/*.JPEG and val/, either as
+val/<wnid>/*.JPEG or as flat val/*.JPEG with LOC_val_solution.csv (inside val/, in data_dir, or up to
+three folders above it, as in Kaggle's ILSVRC/Data/CLS-LOC copy). A tree that already holds only the
+100 classes works too. Only the 100 wnids of hjepa/imagenet100_classes.txt are kept; label = position
+in that list. On real data: 126,689 train and 5,000 val images. Missing classes stop the run (exit 1,
+listing them) unless --cfg.allow_missing_classes=1. ImageNet is never downloaded.
 Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this config).
 """
 from writer_cli import write_split, writer_config

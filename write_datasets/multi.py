@@ -1,7 +1,7 @@
 """Combine single-dataset betons into one beton for multi-dataset training.
 
-  python write_datasets/multi.py \
-      --cfg.members=imagenet100=betons/imagenet100_train.beton,stl10=betons/stl10_train_unlabeled.beton,cifar100=betons/cifar100_train.beton \
+  python write_datasets/multi.py \\
+      --cfg.members=imagenet100=betons/imagenet100_train.beton,stl10=betons/stl10_train_unlabeled.beton,cifar100=betons/cifar100_train.beton \\
       --cfg.write_path=betons/mix_train.beton
 
 cfg.members lists name=path pairs in order; the names are what --data.mixture refers to. The output

@@ -1,6 +1,6 @@
 """Write STL-10 (official binary release) to a .beton.
 
-  python write_datasets/stl10.py --cfg.data_dir=/data --cfg.split=train+unlabeled \
+  python write_datasets/stl10.py --cfg.data_dir=/data --cfg.split=train+unlabeled \\
       --cfg.write_path=betons/stl10_train_unlabeled.beton
 
 cfg.data_dir is the folder that contains stl10_binary/ (holding train_X.bin, train_y.bin,
