@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from unittest import mock
 
 import cv2
@@ -105,8 +105,8 @@ def _write_json_atomic(path, content):
     os.replace(tmp, path)
 
 
-def beton_num_samples(beton_path):
-    """Sample count from the beton header; UserError if the file is not a beton."""
+def _read_header(beton_path):
+    """The beton's FFCV header; UserError if the file is not a beton."""
     from ffcv.types import CURRENT_VERSION, HeaderType
 
     if os.path.getsize(beton_path) < HeaderType.itemsize:
@@ -114,7 +114,12 @@ def beton_num_samples(beton_path):
     header = np.fromfile(beton_path, dtype=HeaderType, count=1)[0]
     if header["version"] != CURRENT_VERSION:
         raise UserError(f"{beton_path} is not a .beton file (format version {header['version']})")
-    return int(header["num_samples"])
+    return header
+
+
+def beton_num_samples(beton_path):
+    """Sample count from the beton header; UserError if the file is not a beton."""
+    return int(_read_header(beton_path)["num_samples"])
 
 
 def read_manifest(beton_path, verify_checksum=False):
@@ -244,33 +249,34 @@ def _find_bad_images(paths, num_workers, progress):
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
-def _run_writer(tmp_path, fields, dataset, *, num_workers, chunk_size, page_size, desc, progress):
+def _write_atomically(write_path, fields, dataset, finish, *, num_workers, chunk_size, page_size, progress):
+    """Write `dataset` to <write_path>.partial with FFCV, get the manifest from finish(tmp_path),
+    checksum, rename into place, write the manifest; return it. On any failure the temp file goes."""
     from ffcv.writer import DatasetWriter
 
+    tmp_path = write_path + ".partial"
     if os.path.exists(tmp_path):
-        print(f"note: removing {tmp_path} left by an interrupted run", file=sys.stderr)
-        os.remove(tmp_path)
-    writer = DatasetWriter(tmp_path, fields, page_size=page_size, num_workers=num_workers)
-    with _ffcv_progress(desc, progress):
-        writer.from_indexed_dataset(dataset, chunksize=chunk_size)
-
-
-def _publish(tmp_path, write_path, manifest):
-    """Checksum the finished temp file, rename it into place, then write its manifest."""
-    manifest["size_bytes"] = os.path.getsize(tmp_path)
-    manifest["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "hex": file_checksum(tmp_path)}
-    old_manifest = manifest_path(write_path)
-    if os.path.exists(old_manifest):
-        os.remove(old_manifest)  # never let a stale manifest describe the new beton
-    os.replace(tmp_path, write_path)
-    _write_json_atomic(manifest_path(write_path), manifest)
-
-
-def _remove_quietly(path):
+        print(f"note: overwriting {tmp_path} left by an interrupted run", file=sys.stderr)
+    start = time.perf_counter()
     try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+        writer = DatasetWriter(tmp_path, fields, page_size=page_size, num_workers=num_workers)
+        with _ffcv_progress(f"writing {os.path.basename(write_path)}", progress):
+            writer.from_indexed_dataset(dataset, chunksize=chunk_size)  # truncates tmp_path first
+        manifest = finish(tmp_path)
+        manifest["size_bytes"] = os.path.getsize(tmp_path)
+        manifest["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "hex": file_checksum(tmp_path)}
+        if os.path.exists(manifest_path(write_path)):
+            os.remove(manifest_path(write_path))  # never let a stale manifest describe the new beton
+        os.replace(tmp_path, write_path)
+        _write_json_atomic(manifest_path(write_path), manifest)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        raise
+    seconds = time.perf_counter() - start
+    print(f"wrote {len(dataset)} images to {write_path} in {seconds:.1f} s "
+          f"({len(dataset) / seconds:.0f} images/s)", flush=True)
+    return manifest
 
 
 def write_beton(samples, write_path, *, dataset, split, class_names, source, max_resolution=256,
@@ -319,18 +325,14 @@ def write_beton(samples, write_path, *, dataset, split, class_names, source, max
         "label": IntField(),
     }
     data = _SampleDataset(samples, max_resolution)
-    tmp_path = write_path + ".partial"
-    start = time.perf_counter()
-    try:
-        _run_writer(tmp_path, fields, data, num_workers=num_workers, chunk_size=chunk_size,
-                    page_size=_page_size(max_resolution, estimated_bytes),
-                    desc=f"writing {os.path.basename(write_path)}", progress=progress)
+
+    def finish(tmp_path):
         failed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(data.failed, np.int8))]
         if failed:
             raise UserError(f"{len(failed)} images became unreadable while writing, first: {failed[0]}; "
                             "nothing was written")
         labels = np.array([label for _, label in samples])
-        manifest = {
+        return {
             "format": MANIFEST_FORMAT,
             "beton": os.path.basename(write_path),
             "dataset": dataset,
@@ -347,14 +349,9 @@ def write_beton(samples, write_path, *, dataset, split, class_names, source, max
             "num_bad_images": len(bad_images),
             "bad_images": [os.fspath(p) for p, _ in bad_images],
         }
-        _publish(tmp_path, write_path, manifest)
-    except BaseException:
-        _remove_quietly(tmp_path)
-        raise
-    seconds = time.perf_counter() - start
-    print(f"wrote {len(samples)} images to {write_path} in {seconds:.1f} s "
-          f"({len(samples) / seconds:.0f} images/s)", flush=True)
-    return manifest
+
+    return _write_atomically(write_path, fields, data, finish, num_workers=num_workers, chunk_size=chunk_size,
+                             page_size=_page_size(max_resolution, estimated_bytes), progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,7 +420,7 @@ def _mark_as_rgb_image_field(beton_path, field_index):
     from ffcv.fields import RGBImageField
 
     rgb_type_id = {v: k for k, v in TYPE_ID_HANDLER.items()}[RGBImageField]
-    header = np.fromfile(beton_path, dtype=HeaderType, count=1)[0]
+    header = _read_header(beton_path)
     descriptors = np.memmap(beton_path, dtype=FieldDescType, mode="r+", offset=HeaderType.itemsize,
                             shape=(int(header["num_fields"]),))
     descriptors["type_id"][field_index] = rgb_type_id
@@ -461,22 +458,18 @@ def combine_betons(members, write_path, *, split="train", num_workers=1, chunk_s
     os.makedirs(os.path.dirname(os.path.abspath(write_path)), exist_ok=True)
     check_free_space(write_path, needed)
     fields = {"image": _stored_image_field_class()(), "label": IntField(), "dataset_idx": IntField()}
-    page_size = max(_beton_page_size(p) for _, p in members)
-    tmp_path = write_path + ".partial"
-    start = time.perf_counter()
-    try:
-        _run_writer(tmp_path, fields, data, num_workers=num_workers, chunk_size=chunk_size,
-                    page_size=page_size, desc=f"writing {os.path.basename(write_path)}", progress=progress)
+    page_size = max(int(_read_header(p)["page_size"]) for _, p in members)
+
+    def finish(tmp_path):
         _mark_as_rgb_image_field(tmp_path, 0)
-        member_entries = []
-        for d, ((name, path), m) in enumerate(zip(members, manifests)):
-            member_entries.append({
-                "name": name, "index_start": data.offsets[d], "index_end": data.offsets[d + 1],
-                "num_samples": data.offsets[d + 1] - data.offsets[d], "source": os.path.abspath(path),
-                "source_checksum": m["checksum"], "dataset": m["dataset"], "split": m["split"],
-                "class_names": m["class_names"], "per_class_counts": m["per_class_counts"],
-                "num_unlabeled": m["num_unlabeled"], "writer": m["writer"]})
-        manifest = {
+        member_entries = [{
+            "name": name, "index_start": data.offsets[d], "index_end": data.offsets[d + 1],
+            "num_samples": data.offsets[d + 1] - data.offsets[d], "source": os.path.abspath(path),
+            "source_checksum": m["checksum"], "dataset": m["dataset"], "split": m["split"],
+            "class_names": m["class_names"], "per_class_counts": m["per_class_counts"],
+            "num_unlabeled": m["num_unlabeled"], "writer": m["writer"],
+        } for d, ((name, path), m) in enumerate(zip(members, manifests))]
+        return {
             "format": MANIFEST_FORMAT,
             "beton": os.path.basename(write_path),
             "dataset": "multi",
@@ -490,17 +483,6 @@ def combine_betons(members, write_path, *, split="train", num_workers=1, chunk_s
             "num_bad_images": 0,
             "bad_images": [],
         }
-        _publish(tmp_path, write_path, manifest)
-    except BaseException:
-        _remove_quietly(tmp_path)
-        raise
-    seconds = time.perf_counter() - start
-    print(f"wrote {len(data)} images to {write_path} in {seconds:.1f} s "
-          f"({len(data) / seconds:.0f} images/s)", flush=True)
-    return manifest
 
-
-def _beton_page_size(beton_path):
-    from ffcv.types import HeaderType
-
-    return int(np.fromfile(beton_path, dtype=HeaderType, count=1)[0]["page_size"])
+    return _write_atomically(write_path, fields, data, finish, num_workers=num_workers, chunk_size=chunk_size,
+                             page_size=page_size, progress=progress)
