@@ -76,6 +76,8 @@ class HJEPA(nn.Module):
         self.predictor = predictor
         self.level_heads = level_heads
         self.level_weights = list(level_weights)
+        # A buffer so the weighted sum needs no host-to-device copy each step; not part of any checkpoint.
+        self.register_buffer("level_weight_tensor", torch.tensor(self.level_weights), persistent=False)
         self.level_depths = list(level_depths)  # 1-based target-encoder block per level
         self.loss_name = loss
         self.model_config = {}  # filled by build_model
@@ -134,7 +136,7 @@ class HJEPA(nn.Module):
             level_losses.append(loss_fn(pool_target_blocks(prediction, (th, tw), level),
                                         pool_target_blocks(z_tgt[depth], (th, tw), level)))
         level_losses = torch.stack(level_losses)  # (L,)
-        loss = (level_losses * level_losses.new_tensor(self.level_weights)).sum()
+        loss = (level_losses * self.level_weight_tensor).sum()
 
         final_depth = self.target_encoder.depth
         return dict(loss=loss, level_losses=level_losses.detach(),
