@@ -39,7 +39,7 @@ def test_weighted_epoch_gives_each_member_its_share():
 
 def test_rank_shards_are_disjoint_equal_and_add_up_to_the_counts():
     weights, sizes = [0.2, 0.3, 0.5], [1000, 1000, 1000]  # 2000 draws, no member used up: no repeats
-    shards = [weighted_epoch_indices(sizes, weights, epoch_samples=2000, seed=1, epoch=2, rank=r, world_size=4,
+    shards = [weighted_epoch_indices(sizes, weights, epoch_samples=2000, seed=1, epoch=0, rank=r, world_size=4,
                                      batch_size=8) for r in range(4)]
     assert len({len(s) for s in shards}) == 1 and len(shards[0]) % 8 == 0
     union = np.concatenate(shards)
