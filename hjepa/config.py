@@ -152,7 +152,8 @@ def _declare_sections(cfg):
         epoch_samples=_p(Integer(-1), "samples per epoch for weighted orders; -1 = sum of member sizes", default=-1),
     )
     section("model", "H-JEPA model").params(
-        arch=_p(Choice("vit_tiny", "vit_small", "vit_base", "vit_large"), "encoder size", default="vit_small"),
+        arch=_p(Choice("vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large"),
+                  "encoder size (vit_micro: 96 wide, 4 deep, for CPU demos/tests)", default="vit_small"),
         patch_size=_p(Integer(1, 64), "patch side in pixels", default=16),
         drop_path=_p(Number(0.0, 1.0), "stochastic depth rate of the context encoder", default=0.0),
         predictor_embed_dim=_p(Integer(8), "predictor width", default=384),

@@ -46,7 +46,8 @@ class MetricsLog:
         self._file.flush()
 
     def close(self):
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
 
 
 def read_metrics(path):

@@ -27,9 +27,13 @@ from hjepa.errors import UserError, exit_on_user_error
 from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
+from hjepa.plots import draw_run
 from hjepa.parallel import all_reduce_sum, broadcast_object, cleanup_distributed, init_distributed
 from hjepa.runlog import MetricsLog, git_commit, make_run_dir, new_run_name
 from hjepa.sampler import expected_counts_table
+
+
+TRAIN_SECTIONS = ("data", "model", "masking", "optim", "training", "hardware", "logging")
 
 
 def model_kwargs(cfg):
@@ -108,7 +112,7 @@ def run(cfg, info, device):
     run_dir = resolve_run_dir(cfg, info)
     say = print if info.is_main else (lambda *a, **k: None)
     say(f"run folder: {run_dir}")
-    say(format_config(cfg))
+    say(format_config(cfg, TRAIN_SECTIONS))
 
     # Data first: a bad path or mixture fails before any model is built.
     loader = build_loader(cfg, info)
@@ -207,6 +211,8 @@ def run(cfg, info, device):
                 member_counts = counts if member_counts is None else _add_counts(member_counts, counts)
                 masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=cfg["training.seed"],
                                      step=step, rank=info.rank, **masking)
+                if step == 0 and info.is_main:
+                    save_mask_examples(run_dir, images, masks, grid)
                 x = normalize_images(images, device, amp_dtype or torch.float32)  # (B, 3, H, W)
                 out = train_step(
                     model, forward, optimizer, x, masks_to_device(masks, device),
@@ -244,13 +250,20 @@ def run(cfg, info, device):
             if member_counts is not None and skip == 0 and step % steps_per_epoch == 0:
                 member_counts = all_reduce_sum(member_counts.to(device), info).cpu()
                 if log:
-                    log.write({"epoch": epoch, "step": step, "member_counts": member_counts.tolist()})
+                    record = {"epoch": epoch, "step": step, "member_counts": member_counts.tolist()}
+                    if loader.members:
+                        record["member_names"] = [name for name, _ in loader.members]
+                        record["expected_counts"] = list(loader.epoch_counts or [])
+                    log.write(record)
             if step % steps_per_epoch == 0 and ((epoch + 1) % cfg["training.checkpoint_every"] == 0
                                                 or epoch + 1 == epochs):
                 _check_finite(nonfinite, step, run_dir)
                 save(step, epoch + 1)
         _check_finite(nonfinite, step, run_dir)
         save(step, step // steps_per_epoch)
+        if info.is_main and cfg["logging.plots"]:
+            log.close()
+            say("pictures: " + ", ".join(draw_run(run_dir)))
         say(f"done: {step} steps; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
     except StopRequested:
         _check_finite(nonfinite, step, run_dir)
@@ -264,6 +277,14 @@ def run(cfg, info, device):
         if log:
             log.close()
     return run_dir
+
+
+def save_mask_examples(run_dir, images, masks, grid, count=8):
+    """A few first-step images with their masks, for the masks.png picture (hjepa.plots)."""
+    n = min(count, images.shape[0])
+    torch.save({"images": images[:n].clone().contiguous(), "ctx_idx": masks.ctx_idx[:n].clone(),
+                "tgt_idx": masks.tgt_idx[:, :n].clone(), "grid_size": list(grid)},
+               os.path.join(run_dir, "mask_examples.pt"))
 
 
 def _add_counts(a, b):
@@ -281,7 +302,7 @@ def _metrics_record(out, step, epoch, optimizer, *, sched_momentum, images_per_s
     group = optimizer.param_groups[0]
     decay = [g["weight_decay"] for g in optimizer.param_groups if g.get("apply_weight_decay", True)]
     return {"step": step, "epoch": epoch, "lr": group["lr"], "wd": decay[0] if decay else 0.0,
-            "momentum": sched_momentum, "loss": float(out["loss"]),
+            "momentum": sched_momentum, "loss": float(out["loss"].detach()),
             "level_losses": [float(x) for x in out["level_losses"]],
             "target_std": float(out["target_std"]), "pred_std": float(out["pred_std"]),
             "grad_norm": float(out["grad_norm"]), "images_per_s": images_per_s,

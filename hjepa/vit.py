@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from hjepa.errors import UserError
 
-# (embed_dim, depth, num_heads), as in I-JEPA / timm / DeiT
+# (embed_dim, depth, num_heads), as in I-JEPA / timm / DeiT; vit_micro is ours, for CPU demos and tests
 ARCHS = {
+    "vit_micro": (96, 4, 3),
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),

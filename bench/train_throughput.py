@@ -1,0 +1,130 @@
+"""Steady-state training throughput: images/s, MFU and data-wait fraction for a config.
+
+    python bench/train_throughput.py --config-file rn_configs/h100_100ep.yaml [--bench.steps=50] --bench.out=FILE.json
+
+With data.train_dataset pointing at a beton, batches come from the real FFCV train loader and the
+data-wait fraction is measured; with an empty data.train_dataset they are random uint8 tensors made
+once (model speed alone; data-wait is then 0 by construction and the JSON says so). Timing uses
+device events on CUDA (synchronised once per timed window), wall clock on the CPU.
+"""
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run by path from anywhere
+
+import torch
+
+from hjepa import schedules
+from hjepa.config import config_from_cli, format_config
+from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
+from hjepa.errors import exit_on_user_error
+from hjepa.flops import mfu, train_flops_per_image
+from hjepa.masks import sample_masks
+from hjepa.model import build_model
+from hjepa.parallel import Dist, resolve_device
+from hjepa.train import build_loader, mask_kwargs, model_kwargs
+from hjepa.data import normalize_images
+
+
+def batches_forever(cfg, device_name):
+    """(images uint8 (B,3,H,W), from_loader) pairs: the real loader looped over epochs, or one fixed batch."""
+    if cfg["data.train_dataset"]:
+        loader = build_loader(cfg, Dist())
+        epoch = 0
+        try:
+            while True:
+                for images, _, _ in loader.epoch(epoch):
+                    yield images
+                epoch += 1
+        finally:
+            loader.close()
+    else:
+        size, batch = cfg["data.image_size"], cfg["data.batch_size"]
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        if device_name == "cuda":
+            images = images.pin_memory()
+        while True:
+            yield images
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+@exit_on_user_error
+def main(argv=None):
+    cfg = config_from_cli(__doc__, argv)
+    print(format_config(cfg, ["data", "model", "hardware", "bench"]))
+    device = resolve_device(cfg["hardware.device"])
+    if cfg["hardware.num_threads"]:
+        torch.set_num_threads(cfg["hardware.num_threads"])
+    torch.manual_seed(0)
+    model = build_model(**model_kwargs(cfg)).to(device)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
+    forward = torch.compile(model) if cfg["hardware.compile"] else model
+    amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
+    masking = mask_kwargs(cfg)
+    grid = model.grid_size
+    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=grid[0] * grid[1])
+    warmup, steps = cfg["bench.warmup_steps"], cfg["bench.steps"]
+    batch = cfg["data.batch_size"]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    source = batches_forever(cfg, device.type)
+    data_wait, t0 = 0.0, None
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync()
+            t0, data_wait = time.perf_counter(), 0.0
+        t_fetch = time.perf_counter()
+        images = next(source)
+        data_wait += time.perf_counter() - t_fetch
+        masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=0, step=step, rank=0, **masking)
+        x = torch.as_tensor(images).to(device, non_blocking=True)
+        x = normalize_images(x, device, amp_dtype or torch.float32)
+        train_step(model, forward, optimizer, x, masks_to_device(masks, device), lr=1e-4, weight_decay=0.05,
+                   momentum=schedules.ema_momentum(step, total_steps=warmup + steps, start=0.996, end=1.0),
+                   amp_dtype=amp_dtype)
+    sync()
+    elapsed = time.perf_counter() - t0
+    source.close()
+
+    images_per_s = steps * batch / elapsed
+    result = {
+        "images_per_s": images_per_s,
+        "step_time_ms": 1000 * elapsed / steps,
+        "mfu": mfu(images_per_s, flops_per_image, cfg["hardware.peak_tflops"]),
+        "peak_tflops": cfg["hardware.peak_tflops"],
+        "train_gflops_per_image": flops_per_image / 1e9,
+        "data_wait_fraction": data_wait / elapsed,
+        "data": cfg["data.train_dataset"] or "synthetic in-memory batch (no loader)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
+        "arch": cfg["model.arch"], "image_size": cfg["data.image_size"], "patch_size": cfg["model.patch_size"],
+        "batch_size": batch, "steps": steps, "warmup_steps": warmup,
+        "compile": cfg["hardware.compile"], "amp": str(amp_dtype),
+        "num_workers": cfg["data.num_workers"],
+    }
+    rows = [("images/s", f"{images_per_s:,.1f}"), ("step time (ms)", f"{result['step_time_ms']:.1f}"),
+            ("MFU", f"{100 * result['mfu']:.2f}% of {result['peak_tflops']} TFLOP/s"),
+            ("data-wait fraction", f"{100 * result['data_wait_fraction']:.2f}%"), ("device", result["device"])]
+    for name, value in rows:
+        print(f"  {name:<20} {value}")
+    if cfg["bench.out"]:
+        with open(cfg["bench.out"], "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {cfg['bench.out']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
