@@ -23,8 +23,10 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
     """Average-pooled tokens of a frozen encoder for every image of `loader`, in loader order.
 
     `dtype` is the compute dtype: torch.bfloat16 runs under autocast (CUDA), torch.float32 or None
-    runs plain fp32 (CPU). With last_k_blocks=1 the feature is the mean over tokens of `forward_features`, which ends
-    with the encoder's final LayerNorm (I-JEPA's probe input). With k > 1 the final LayerNorm
+    runs plain fp32 (CPU). With last_k_blocks=1 the feature is the mean over tokens of
+    `forward_features`, which ends with the encoder's final LayerNorm (I-JEPA's probe input); the
+    per-batch copy to the CPU does not stall loading, since FFCV decodes ahead in its own thread.
+    With k > 1 the final LayerNorm
     `encoder.norm` is applied to each of the last k block outputs before pooling (DINO's
     `get_intermediate_layers` convention), so every block's slice is on the same scale; the slices
     are concatenated from the earliest of the k blocks to the last.
