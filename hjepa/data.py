@@ -62,6 +62,11 @@ class JepaLoader:
             raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
         self.next_epoch, self.start_batch = epoch, start_batch
 
+    def epoch_indices(self, epoch):
+        """The sample indices this process reads in `epoch`, in order (what `epoch(epoch)` decodes)."""
+        order = np.asarray(self.loader.traversal_order.sample_order(epoch))
+        return order[:len(self) * self.batch_size]
+
     def epoch(self, epoch, start_batch=0):
         """An iterator over epoch `epoch` from batch `start_batch` on (batches before it are not decoded)."""
         self.set_epoch(epoch, start_batch)

@@ -63,3 +63,18 @@ def all_reduce_sum(tensor, info):
 def cleanup_distributed(info):
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_gather_tensor(tensor, info):
+    """Every rank's copy of an equally shaped tensor, as a list indexed by rank."""
+    if not info.enabled:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    dist.all_gather(parts, tensor)
+    return parts
+
+
+def parameter_checksum(module):
+    """A float64 sum of every parameter; ranks of a healthy DDP run agree on it exactly."""
+    with torch.no_grad():
+        return torch.stack([p.detach().double().sum() for p in module.parameters()]).sum()

@@ -28,7 +28,8 @@ from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
 from hjepa.plots import draw_run
-from hjepa.parallel import all_reduce_sum, broadcast_object, cleanup_distributed, init_distributed
+from hjepa.parallel import (all_gather_tensor, all_reduce_sum, broadcast_object, cleanup_distributed,
+                            init_distributed, parameter_checksum)
 from hjepa.runlog import MetricsLog, git_commit, make_run_dir, new_run_name
 from hjepa.sampler import expected_counts_table
 
@@ -118,12 +119,11 @@ def run(cfg, info, device):
     loader = build_loader(cfg, info)
     steps_per_epoch = len(loader)
     epochs, batch = cfg["training.epochs"], cfg["data.batch_size"]
-    total_steps = steps_per_epoch * epochs
-    if cfg["training.max_steps"] > 0:
-        total_steps = min(total_steps, cfg["training.max_steps"])
+    total_steps = steps_per_epoch * epochs  # the schedules span this, whatever max_steps says
+    stop_step = min(total_steps, cfg["training.max_steps"]) if cfg["training.max_steps"] > 0 else total_steps
     global_batch = batch * info.world_size
     say(f"effective batch {global_batch} = {batch} per process x {info.world_size} processes; "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps")
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps" + (f", stopping at {stop_step}" if stop_step < total_steps else ""))
     counts_table = expected_counts_table(loader)
     if counts_table:
         say("expected samples per member per epoch:\n" + counts_table)
@@ -170,9 +170,12 @@ def run(cfg, info, device):
     tokens = grid[0] * grid[1]
     flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=tokens)
 
+    last_saved = {"step": start_step if path else None}
+
     def save(step, epoch):
-        if not info.is_main:
+        if not info.is_main or last_saved["step"] == step:
             return
+        last_saved["step"] = step
         state = {"model_config": model.model_config, "optimizer": optimizer.state_dict(), "step": step,
                  "epoch": epoch, "config": config_as_dict(cfg), "rng": ckpt_io.rng_state(),
                  "sampler": {"seed": cfg["data.seed"], "order": cfg["data.order"],
@@ -197,7 +200,7 @@ def run(cfg, info, device):
     try:
         start_epoch = start_step // steps_per_epoch
         for epoch in range(start_epoch, epochs):
-            if step >= total_steps:
+            if step >= stop_step:
                 break
             skip = step - epoch * steps_per_epoch
             member_counts = None
@@ -228,7 +231,7 @@ def run(cfg, info, device):
                 step += 1
                 window_steps += 1
                 bar.update(1)
-                if step % cfg["logging.log_every"] == 0 or step == total_steps:
+                if step % cfg["logging.log_every"] == 0 or step == stop_step:
                     if bool(nonfinite):  # a device sync point, like reading the loss below
                         raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good "
                                         f"checkpoint stays in {run_dir}")
@@ -241,7 +244,7 @@ def run(cfg, info, device):
                         log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                if stop["signal"] is not None or step >= total_steps:
+                if stop["signal"] is not None or step >= stop_step:
                     break
                 t_fetch = time.perf_counter()
             bar.close()
@@ -255,12 +258,20 @@ def run(cfg, info, device):
                         record["member_names"] = [name for name, _ in loader.members]
                         record["expected_counts"] = list(loader.epoch_counts or [])
                     log.write(record)
+            if info.enabled and skip == 0 and step % steps_per_epoch == 0:
+                log_rank_overlap(log, loader, epoch, info, device)
             if step % steps_per_epoch == 0 and ((epoch + 1) % cfg["training.checkpoint_every"] == 0
                                                 or epoch + 1 == epochs):
                 _check_finite(nonfinite, step, run_dir)
                 save(step, epoch + 1)
         _check_finite(nonfinite, step, run_dir)
         save(step, step // steps_per_epoch)
+        if info.enabled:  # DDP keeps ranks in lockstep; a mismatch here means a bug, so log it loudly
+            sums = [float(x) for x in all_gather_tensor(parameter_checksum(model).to(device), info)]
+            if log:
+                log.write({"step": step, "param_checksums": sums})
+            if len(set(sums)) > 1:
+                print(f"warning: parameters differ across ranks: {sums}", file=sys.stderr)
         if info.is_main and cfg["logging.plots"]:
             log.close()
             say("pictures: " + ", ".join(draw_run(run_dir)))
@@ -285,6 +296,15 @@ def save_mask_examples(run_dir, images, masks, grid, count=8):
     torch.save({"images": images[:n].clone().contiguous(), "ctx_idx": masks.ctx_idx[:n].clone(),
                 "tgt_idx": masks.tgt_idx[:, :n].clone(), "grid_size": list(grid)},
                os.path.join(run_dir, "mask_examples.pt"))
+
+
+def log_rank_overlap(log, loader, epoch, info, device):
+    """How many samples of this epoch went to more than one rank (0 for a correct sharding)."""
+    mine = torch.as_tensor(loader.epoch_indices(epoch), dtype=torch.int64)
+    everyone = torch.stack(all_gather_tensor(mine.to(device), info)).cpu()  # (world, samples per rank)
+    overlap = everyone.numel() - torch.unique(everyone).numel()
+    if log:
+        log.write({"epoch": epoch, "rank_overlap": overlap, "rank_sample_counts": [everyone.shape[1]] * info.world_size})
 
 
 def _add_counts(a, b):

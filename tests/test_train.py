@@ -1,0 +1,135 @@
+"""hjepa/train.py end to end on a tiny beton: run folder, exact resume, NaN stop, torchrun."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hjepa import train as train_module
+from hjepa.checkpoint import load_checkpoint
+from hjepa.errors import UserError
+from hjepa.runlog import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model small enough that a step takes milliseconds on one CPU core: 32 px, 8x8 patches of 4 px.
+TINY = ["--data.image_size=32", "--data.batch_size=16", "--data.num_workers=1", "--model.arch=vit_micro",
+        "--model.patch_size=4", "--model.predictor_embed_dim=48", "--model.predictor_depth=1",
+        "--model.predictor_num_heads=2", "--masking.min_keep=4", "--hardware.device=cpu",
+        "--hardware.num_threads=1", "--logging.progress=0", "--optim.warmup_epochs=1"]
+
+
+def tiny_args(beton, folder, *extra):
+    return [f"--data.train_dataset={beton}", f"--logging.folder={folder}", *TINY, *extra]
+
+
+def final_parameters(run_dir):
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
+    return {f"{part}.{k}": v for part in ("context_encoder", "target_encoder", "predictor")
+            for k, v in ckpt[part].items()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_beton, tmp_path_factory):
+    """One uninterrupted 2-epoch run (4 steps per epoch), deterministic, shared by several tests."""
+    folder = tmp_path_factory.mktemp("runs")
+    args = tiny_args(tiny_beton, folder, "--training.epochs=2", "--training.checkpoint_every=1",
+                     "--training.deterministic=1", "--logging.log_every=1", "--logging.run_name=full")
+    return train_module.main(args)
+
+
+def test_run_folder_holds_params_metrics_checkpoint_commit_and_pictures(finished_run):
+    names = set(os.listdir(finished_run))
+    assert {"params.json", "metrics.jsonl", "checkpoint.pt", "git_commit.txt", "curves.png",
+            "masks.png", "checkpoint_ep0001.pt", "checkpoint_ep0002.pt"} <= names
+    with open(os.path.join(finished_run, "params.json")) as f:
+        assert json.load(f)["model"]["arch"] == "vit_micro"
+
+
+def test_metrics_log_every_quantity_per_step(finished_run):
+    steps = [r for r in read_metrics(os.path.join(finished_run, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for key in ("epoch", "lr", "wd", "momentum", "level_losses", "target_std", "pred_std", "grad_norm",
+                "images_per_s", "data_wait_fraction", "mfu"):
+        assert key in steps[0], key
+    assert len(steps[0]["level_losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert steps[-1]["momentum"] > steps[0]["momentum"]  # EMA ramps towards 1
+
+
+def test_checkpoint_loads_without_pickle_and_records_the_run(finished_run):
+    ckpt = load_checkpoint(os.path.join(finished_run, "checkpoint.pt"))  # weights_only=True inside
+    assert ckpt["step"] == 8 and ckpt["epoch"] == 2
+    assert ckpt["model_config"]["arch"] == "vit_micro"
+    assert ckpt["config"]["data"]["batch_size"] == 16
+    assert set(ckpt["sampler"]) >= {"seed", "order", "steps_per_epoch"}
+
+
+def test_stopped_and_resumed_run_ends_with_identical_parameters(finished_run, tiny_beton, tmp_path):
+    common = tiny_args(tiny_beton, tmp_path, "--training.epochs=2", "--training.checkpoint_every=1",
+                       "--training.deterministic=1", "--logging.log_every=1", "--logging.run_name=parts",
+                       "--logging.plots=0")
+    train_module.main(common + ["--training.max_steps=3"])  # stops mid-epoch 0
+    assert load_checkpoint(os.path.join(tmp_path, "parts", "checkpoint.pt"))["step"] == 3
+    run_dir = train_module.main(common + ["--training.resume=auto"])
+    expected, got = final_parameters(finished_run), final_parameters(run_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_beton, tmp_path, monkeypatch):
+    real_step = train_module.train_step
+    calls = {"n": 0}
+
+    def poisoned_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 6:  # epoch 1, after the epoch-0 checkpoint at step 4
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module, "train_step", poisoned_step)
+    args = tiny_args(tiny_beton, tmp_path, "--training.epochs=2", "--training.checkpoint_every=1",
+                     "--logging.log_every=1", "--logging.run_name=nan", "--logging.plots=0")
+    with pytest.raises(UserError, match="NaN/Inf by step 6"):
+        train_module.main.__wrapped__(args)
+    assert load_checkpoint(os.path.join(tmp_path, "nan", "checkpoint.pt"))["step"] == 4
+
+
+def test_resuming_another_architecture_fails_listing_the_difference(finished_run, tiny_beton, tmp_path):
+    shutil.copy(os.path.join(finished_run, "checkpoint.pt"), tmp_path / "other.pt")
+    args = tiny_args(tiny_beton, tmp_path, "--model.predictor_depth=2", f"--training.resume={tmp_path / 'other.pt'}")
+    proc = subprocess.run([sys.executable, "hjepa/train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "another architecture" in proc.stderr and "predictor_depth: run has 2, checkpoint has 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_beton_fails_with_one_line_naming_it(tmp_path):
+    missing = tmp_path / "nope.beton"
+    proc = subprocess.run([sys.executable, "hjepa/train.py", *tiny_args(missing, tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_torchrun_two_processes_keep_parameters_identical_and_see_disjoint_samples(tiny_beton, tmp_path):
+    args = tiny_args(tiny_beton, tmp_path, "--training.epochs=1", "--data.batch_size=8", "--logging.log_every=2",
+                     "--logging.run_name=ddp", "--logging.plots=0", "--hardware.distributed=1")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "hjepa/train.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "effective batch 16 = 8 per process x 2 processes" in proc.stdout
+    records = read_metrics(os.path.join(tmp_path, "ddp", "metrics.jsonl"))
+    epoch = next(r for r in records if "rank_overlap" in r)
+    assert epoch["rank_overlap"] == 0
+    assert epoch["rank_sample_counts"] == [4 * 8, 4 * 8]  # 64 samples / 16 per step = 4 steps per rank
+    final = next(r for r in records if "param_checksums" in r)
+    assert len(final["param_checksums"]) == 2
+    assert final["param_checksums"][0] == final["param_checksums"][1]
