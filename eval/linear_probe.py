@@ -27,7 +27,7 @@ from hjepa.config import config_from_cli, format_config
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.vit import build_encoder
 
-CACHE_VERSION = 1  # bump when extraction changes what a cached feature means
+CACHE_VERSION = 2  # 2: labels copied out of FFCV's reused buffers (v1 caches hold wrong labels); bump when extraction changes what a cached feature means
 
 
 def encoder_spec(cfg):

@@ -52,7 +52,8 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
                 block_outputs = encoder.forward_blocks(x)[-last_k_blocks:]  # k x (B, N, D)
                 pooled = torch.cat([encoder.norm(out).mean(dim=1) for out in block_outputs], dim=1)  # (B, k*D)
         feature_chunks.append(pooled.float().cpu())
-        label_chunks.append(labels.to(torch.int64).cpu())
+        # A copy: FFCV reuses its output buffers, so a kept batch tensor is overwritten by later ones.
+        label_chunks.append(labels.to(torch.int64, copy=True).cpu())
         bar.update(len(labels))
     bar.close()
     encoder.train(was_training)

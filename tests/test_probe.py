@@ -96,6 +96,22 @@ def test_extract_features_concatenates_the_last_k_blocks_ending_with_the_final_l
     torch.testing.assert_close(last3[:, -encoder.embed_dim:], last)
 
 
+def test_extract_features_keeps_labels_the_loader_overwrites_later():
+    # FFCV hands out the same output buffers batch after batch; kept labels must be copies.
+    encoder = build_encoder(TINY["arch"], patch_size=TINY["patch_size"], image_size=TINY["image_size"])
+    images, _, dataset_idx = uint8_batches(1, 3, TINY["image_size"])[0]
+    shared_labels = torch.empty(3, dtype=torch.int64)
+
+    def reused_buffer_batches():
+        for batch_label in range(2):
+            shared_labels.fill_(batch_label)
+            yield images, shared_labels, dataset_idx
+
+    _, labels = probe.extract_features(encoder, reused_buffer_batches(), device="cpu", dtype=torch.float32,
+                                       progress=False)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
 def test_feature_cache_skips_extraction_the_second_time(tmp_path):
     calls = []
 
