@@ -81,14 +81,11 @@ def features_for(cfg, beton_path, manifest, encoder, *, encoder_key, cache_dir, 
     name = f"{manifest['dataset']}_{manifest['split']}_{encoder_key['encoder']}".replace("+", "-")
     cache_path = probe.feature_cache_path(cache_dir, key, name=name)
 
-    # numba (FFCV's thread pool) raises ValueError for more threads than the machine has cores.
-    num_workers = min(cfg["eval.num_workers"], os.cpu_count() or 1)
-
     def extract():
         from hjepa.data import build_eval_loader  # imports ffcv (seconds of JIT): only when extracting
 
         with build_eval_loader(beton_path, batch_size=cfg["eval.extract_batch_size"],
-                               num_workers=num_workers, image_size=image_size,
+                               num_workers=cfg["eval.num_workers"], image_size=image_size,
                                in_memory=cfg["data.in_memory"]) as loader:
             return probe.extract_features(encoder, loader, device=device, dtype=dtype,
                                           last_k_blocks=cfg["eval.last_k_blocks"],

@@ -175,6 +175,14 @@ def _label_pipeline():
     return [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) -> (B,), also when B == 1
 
 
+def _usable_threads(num_workers):
+    """FFCV threads, capped at numba's pool size (the core count): numba raises for more, so a
+    config written for a 16-core GPU box (data.num_workers=12) still runs on a laptop."""
+    import numba
+
+    return max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
+
+
 def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=(0.8, 1.0), flip=True,
                        color_jitter=0.0, in_memory=True, order="random", seed=0, mixture=None,
                        epoch_samples=-1, distributed=False, drop_last=True):
@@ -237,8 +245,8 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
     else:
         ffcv_order = sampler.register_order(f"{order} {path}", indices_for_epoch)
     try:
-        loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
-                        order=ffcv_order, seed=seed, drop_last=drop_last,
+        loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
+                        os_cache=in_memory, order=ffcv_order, seed=seed, drop_last=drop_last,
                         pipelines=_pipelines(fields, image_ops))
     finally:
         sampler.unregister_order(ffcv_order)
@@ -256,8 +264,8 @@ def build_eval_loader(path, *, batch_size, num_workers, image_size, in_memory=Tr
     _rank_and_world(distributed)
     image_ops = [CenterCropRGBImageDecoder((image_size, image_size), ratio=EVAL_CROP_RATIO),
                  ToTensor(), ToTorchImage()]
-    loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
-                    order=OrderOption.SEQUENTIAL, distributed=distributed, drop_last=False,
+    loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
+                    os_cache=in_memory, order=OrderOption.SEQUENTIAL, distributed=distributed, drop_last=False,
                     pipelines=_pipelines(fields, image_ops))
     return JepaLoader(loader, seeded_ops=[], has_dataset_idx="dataset_idx" in fields)
 
