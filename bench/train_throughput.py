@@ -63,8 +63,8 @@ def main(argv=None):
     cfg = config_from_cli(__doc__, argv)
     print(format_config(cfg, ["data", "model", "hardware", "bench"]))
     device = resolve_device(cfg["hardware.device"])
-    if cfg["hardware.num_threads"]:
-        torch.set_num_threads(cfg["hardware.num_threads"])
+    # Importing ffcv sets torch's threads to 1 (its Compiler couples them to numba's): set them here.
+    torch.set_num_threads(cfg["hardware.num_threads"] or os.cpu_count() or 1)
     torch.manual_seed(0)
     model = build_model(**model_kwargs(cfg)).to(device)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))

@@ -11,6 +11,7 @@ and every random augmentation is a hash of (seed, rank, epoch, batch, position) 
 same epoch gives the same batches in a fresh process, and `set_epoch(epoch, start_batch=k)` resumes
 at batch k without decoding batches 0..k-1.
 """
+import contextlib
 import os
 import queue
 
@@ -84,9 +85,10 @@ class JepaLoader:
         for op in self.seeded_ops:
             op.cell.set(epoch, start_batch)
         # What Loader.__iter__ does, minus its epoch counter and with our slice of the order.
-        Compiler.set_num_threads(self.loader.num_workers)
-        self.loader.next_epoch = epoch + 1
-        iterator = self._iterator = EpochIterator(self.loader, order)
+        with _keep_torch_threads():
+            Compiler.set_num_threads(self.loader.num_workers)
+            self.loader.next_epoch = epoch + 1
+            iterator = self._iterator = EpochIterator(self.loader, order)
         try:
             for outputs in iterator:
                 yield self._as_triplet(outputs)
@@ -111,6 +113,17 @@ class JepaLoader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """FFCV's Compiler.set_num_threads sets torch's intra-op threads along with numba's (and importing
+    ffcv sets them to 1): keep the consumer's torch setting, which matters when it trains on the CPU."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _stop_epoch_iterator(iterator):
@@ -245,9 +258,10 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
     else:
         ffcv_order = sampler.register_order(f"{order} {path}", indices_for_epoch)
     try:
-        loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
-                        os_cache=in_memory, order=ffcv_order, seed=seed, drop_last=drop_last,
-                        pipelines=_pipelines(fields, image_ops))
+        with _keep_torch_threads():
+            loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
+                            os_cache=in_memory, order=ffcv_order, seed=seed, drop_last=drop_last,
+                            pipelines=_pipelines(fields, image_ops))
     finally:
         sampler.unregister_order(ffcv_order)
     return JepaLoader(loader, seeded_ops=seeded_ops, has_dataset_idx="dataset_idx" in fields,
@@ -264,9 +278,10 @@ def build_eval_loader(path, *, batch_size, num_workers, image_size, in_memory=Tr
     _rank_and_world(distributed)
     image_ops = [CenterCropRGBImageDecoder((image_size, image_size), ratio=EVAL_CROP_RATIO),
                  ToTensor(), ToTorchImage()]
-    loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
-                    os_cache=in_memory, order=OrderOption.SEQUENTIAL, distributed=distributed, drop_last=False,
-                    pipelines=_pipelines(fields, image_ops))
+    with _keep_torch_threads():
+        loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
+                        os_cache=in_memory, order=OrderOption.SEQUENTIAL, distributed=distributed,
+                        drop_last=False, pipelines=_pipelines(fields, image_ops))
     return JepaLoader(loader, seeded_ops=[], has_dataset_idx="dataset_idx" in fields)
 
 

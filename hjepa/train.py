@@ -102,8 +102,8 @@ def main(argv=None):
 
 
 def run(cfg, info, device):
-    if cfg["hardware.num_threads"]:
-        torch.set_num_threads(cfg["hardware.num_threads"])
+    # Importing ffcv sets torch's threads to 1 (its Compiler couples them to numba's): set them here.
+    torch.set_num_threads(cfg["hardware.num_threads"] or os.cpu_count() or 1)
     if cfg["training.deterministic"]:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg["training.seed"] + info.rank)
