@@ -26,7 +26,7 @@ from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
 from hjepa import sampler
-from hjepa.beton import beton_num_samples, read_manifest
+from hjepa.beton import beton_num_samples, manifest_path, read_manifest
 from hjepa.errors import UserError
 from hjepa.ops import ColorJitter, SeededHorizontalFlip, SeededRandomResizedCrop
 
@@ -145,18 +145,37 @@ def _stop_epoch_iterator(iterator):
 
 
 def _inspect_beton(path):
-    """Field names of the beton at `path`; UserError if it is missing or not a beton with image, label."""
+    """Field names and sample count of the beton at `path`; UserError if it is missing, not a beton with
+    image and label, cut short, or disagrees with its manifest."""
     path = os.fspath(path)
     if not path:
         raise UserError("no beton path given (data.train_dataset / data.val_dataset)")
     if not os.path.isfile(path):
         raise UserError(f"beton not found: {path} (write it with write_datasets/*.py)")
     num_samples = beton_num_samples(path)  # UserError if the header is not a beton's
-    fields = list(Reader(path).handlers)
+    if os.path.isfile(manifest_path(path)):
+        read_manifest(path)  # UserError if size or sample count disagree with what the writer recorded
+    try:
+        reader = Reader(path)  # a cut inside the data region fails here with an obscure ValueError
+    except ValueError as e:
+        raise UserError(f"{path} is truncated or damaged ({e}); rewrite it with write_datasets/*.py") from None
+    fields = list(reader.handlers)
     for needed in ("image", "label"):
         if needed not in fields:
             raise UserError(f"{path} has no '{needed}' field (fields: {', '.join(fields)})")
+    _check_allocation_table(reader, path, num_samples)
     return fields, num_samples
+
+
+def _check_allocation_table(reader, path, num_samples):
+    """A beton cut short without a manifest to say so: FFCV keeps its allocation table at the end of
+    the file, one entry per stored image, and a cut there leaves the Reader working with entries missing."""
+    from ffcv.types import ALLOC_TABLE_TYPE
+
+    table_bytes = os.path.getsize(path) - int(reader.header["alloc_table_ptr"])
+    if table_bytes % ALLOC_TABLE_TYPE.itemsize or len(np.unique(reader.alloc_table["sample_id"])) < num_samples:
+        raise UserError(f"{path} is truncated: its allocation table lacks entries for some of its "
+                        f"{num_samples} images; rewrite it with write_datasets/*.py")
 
 
 def _members(path, num_samples):

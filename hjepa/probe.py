@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hjepa.errors import UserError
+
 UNLABELED = -1  # label of samples without a class (STL-10 unlabeled split); never trained or scored on
 
 
@@ -91,9 +93,22 @@ def file_digest(path, chunk_bytes=1 << 24):
 
 
 def feature_cache_path(cache_dir, key, *, name):
-    """`<cache_dir>/<name>-<hash of key>.pt`; `key` is a JSON-able dict of everything the features depend on."""
+    """`<cache_dir>/<name>-<hash of key>.pt`; `key` is a JSON-able dict of everything the features depend on.
+
+    `name` comes from a beton's manifest (dataset, split), which may be someone else's file.
+    """
     key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(cache_dir, f"{name}-{key_hash}.pt")
+    return resolve_inside(cache_dir, f"{name}-{key_hash}.pt")
+
+
+def resolve_inside(folder, relative_path):
+    """folder/relative_path as an absolute path; UserError if it would lead outside `folder`
+    ('../', an absolute path or a symlink): a name read from a manifest must not choose where we write."""
+    path = os.path.join(folder, relative_path)
+    real_folder = os.path.realpath(folder)
+    if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
+        raise UserError(f"{relative_path!r} (from a manifest) leads outside {folder}")
+    return path
 
 
 def load_cached_features(path, key):

@@ -78,9 +78,7 @@ def resolve_run_dir(cfg, info):
         if resume == "auto" and not cfg["logging.run_name"]:
             raise UserError("training.resume=auto needs logging.run_name, so the run folder is known")
         run_dir = os.path.join(cfg["logging.folder"], name)
-    if info.is_main:
-        make_run_dir(*os.path.split(run_dir))
-    return run_dir
+    return run_dir  # made only once data, model and checkpoint have loaded: a failed start leaves no folder
 
 
 def resume_path(cfg, run_dir):
@@ -158,6 +156,7 @@ def run(cfg, info, device):
         forward = torch.compile(forward)
 
     if info.is_main:
+        make_run_dir(*os.path.split(run_dir))
         save_config(cfg, os.path.join(run_dir, "params.json"))
         with open(os.path.join(run_dir, "git_commit.txt"), "w") as f:
             f.write(git_commit() + "\n")
