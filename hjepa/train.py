@@ -157,6 +157,7 @@ def run(cfg, info, device):
 
     if info.is_main:
         make_run_dir(*os.path.split(run_dir))
+        ckpt_io.remove_partial_checkpoints(run_dir)
         save_config(cfg, os.path.join(run_dir, "params.json"))
         with open(os.path.join(run_dir, "git_commit.txt"), "w") as f:
             f.write(git_commit() + "\n")
@@ -255,7 +256,7 @@ def run(cfg, info, device):
                     record = {"epoch": epoch, "step": step, "member_counts": member_counts.tolist()}
                     if loader.members:
                         record["member_names"] = [name for name, _ in loader.members]
-                        record["expected_counts"] = list(loader.epoch_counts or [])
+                        record["expected_counts"] = [int(c) for c in loader.epoch_counts]
                     log.write(record)
             if info.enabled and skip == 0 and step % steps_per_epoch == 0:
                 log_rank_overlap(log, loader, epoch, info, device)

@@ -1,5 +1,6 @@
 """hjepa/train.py end to end on a tiny beton: run folder, exact resume, NaN stop, torchrun."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -133,3 +134,20 @@ def test_torchrun_two_processes_keep_parameters_identical_and_see_disjoint_sampl
     final = next(r for r in records if "param_checksums" in r)
     assert len(final["param_checksums"]) == 2
     assert final["param_checksums"][0] == final["param_checksums"][1]
+
+
+def test_mixture_counts_logged_each_epoch_match_the_table_printed_at_start(tiny_multi_beton, tmp_path, capsys):
+    args = tiny_args(tiny_multi_beton, tmp_path, "--training.epochs=2", "--data.order=weighted",
+                     "--data.mixture=big:0.5,mid:0.3,small:0.2", "--data.epoch_samples=64",
+                     "--logging.run_name=mix", "--logging.log_every=4")
+    run_dir = train_module.main(args)
+    printed = capsys.readouterr().out
+    assert "expected samples per member per epoch" in printed
+    epochs = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "member_counts" in r]
+    assert len(epochs) == 2
+    for record in epochs:
+        assert record["member_names"] == ["big", "mid", "small"]
+        assert record["member_counts"] == record["expected_counts"] == [32, 19, 13]  # 64 * (.5, .3, .2), largest remainder
+        for name, count in zip(record["member_names"], record["member_counts"]):
+            assert re.search(rf"^{name}\s+\d+\s+{count}\s", printed, re.M), name
+    assert os.path.isfile(os.path.join(run_dir, "mixture_counts.png"))
