@@ -92,6 +92,7 @@ def plot_mixture_counts(records, path):
     for m, name in enumerate(names):
         ax.bar(x, counts[:, m], bottom=bottom, label=f"{name}" + (f" (expected {expected[m]:,})" if expected else ""))
         bottom += counts[:, m]
+    ax.set_xticks(x)
     ax.set_xlabel("epoch"), ax.set_ylabel("samples"), ax.set_title("samples per member per epoch"), ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
