@@ -83,6 +83,13 @@ def prune_epoch_checkpoints(run_dir, keep):
         os.remove(path)
 
 
+def remove_partial_checkpoints(run_dir):
+    """Delete the temporaries of saves that were killed midway (`*.pt.tmp.<pid>`): never loaded, but each
+    is as big as a checkpoint, and a run preempted again and again would fill its disk with them."""
+    for path in glob.glob(os.path.join(run_dir, "checkpoint*.pt.tmp.*")):
+        os.remove(path)
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
