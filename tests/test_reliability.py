@@ -1,10 +1,16 @@
 """Issue 8: bad input fails in one line, interruptions lose minutes, untrusted files run no code.
 
-Every command line is a real subprocess. The bad-input runs fail in seconds, but each pays the
-imports (FFCV's numba compilation alone is ~4 s), so they are started together in one module fixture
-and each test reads its own run's result. Training runs use the deterministic 32 px vit_micro of
-tests/test_train.py, so an interrupted and resumed run can be compared bit for bit with one that
-was not interrupted.
+Bad input: each case calls an entry point's own main(argv) -- the function `python <script>` runs,
+inside exit_on_user_error -- and checks exit status 1, one `error:` line naming the offending item,
+no traceback and no file written. A real process pays seconds of imports (FFCV's libffcv load
+alone is ~3 s), so only the cases where the process itself matters run as one: a start-up through
+each kind of script, and the checkpoints with code in them, which must not run in any process.
+Those start side by side in one module fixture. tests/test_train.py, test_probe.py and
+test_data.py already run train.py and linear_probe.py as processes for other bad inputs.
+
+Interruptions: real `python hjepa/train.py` processes get SIGINT, SIGTERM or SIGKILL; they use the
+deterministic 32 px vit_micro of tests/test_train.py, so a resumed run is compared bit for bit with
+one that was not interrupted.
 """
 import functools
 import gc
@@ -131,7 +137,7 @@ def train_bench_cli(f, out, *extra):
             "--bench.steps=1", "--bench.warmup_steps=0", *TINY, *extra]
 
 
-# (id, argv given the bad files and an empty output folder, what the error line must contain)
+# (id, argv given the bad files, an empty output folder and the combined beton, what the error line must contain)
 BAD_INPUTS = [
     ("train-truncated-beton", lambda f, out, m: train_cli(f, out, f"--data.train_dataset={f.truncated}"),
      ["truncated.beton", "truncated copy or stale manifest"]),
@@ -175,7 +181,8 @@ BAD_INPUTS = [
     ("probe-checkpoint-with-code", lambda f, out, m: probe_cli(f, out, "--eval.random_init=0",
                                                                f"--eval.checkpoint={f.code_ckpt_probe}"),
      ["code_probe.pt", "not a readable hjepa checkpoint"]),
-    ("loader-bench-missing-data-dir", lambda f, out, m: loader_bench_cli(f, out, f"--bench.data_dir={f.folder / 'nowhere'}"),
+    ("loader-bench-missing-data-dir", lambda f, out, m: loader_bench_cli(
+        f, out, f"--bench.data_dir={f.folder / 'nowhere'}"),
      ["bench.data_dir not found", "nowhere"]),
     ("loader-bench-unreadable-images", lambda f, out, m: loader_bench_cli(f, out, f"--bench.data_dir={f.bad_images}",
                                                                           "--bench.batch_size=4"),
@@ -188,11 +195,13 @@ BAD_INPUTS = [
      ["cut_table.beton", "truncated"]),
     ("train-bench-image-size-not-divisible", lambda f, out, m: train_bench_cli(f, out, "--data.image_size=30"),
      ["image_size 30 is not divisible by patch_size 4"]),
-    ("multi-truncated-member", lambda f, out, m: ["write_datasets/multi.py", f"--cfg.members=b={f.truncated},a={f.beton}",
-                                                  f"--cfg.write_path={out / 'mix.beton'}", "--cfg.num_workers=1"],
+    ("multi-truncated-member", lambda f, out, m: [
+        "write_datasets/multi.py", f"--cfg.members=b={f.truncated},a={f.beton}",
+        f"--cfg.write_path={out / 'mix.beton'}", "--cfg.num_workers=1"],
      ["truncated.beton", "truncated copy or stale manifest"]),
-    ("multi-member-not-a-beton", lambda f, out, m: ["write_datasets/multi.py", f"--cfg.members=a={f.beton},b={f.junk}",
-                                                    f"--cfg.write_path={out / 'mix.beton'}", "--cfg.num_workers=1"],
+    ("multi-member-not-a-beton", lambda f, out, m: [
+        "write_datasets/multi.py", f"--cfg.members=a={f.beton},b={f.junk}",
+        f"--cfg.write_path={out / 'mix.beton'}", "--cfg.num_workers=1"],
      ["junk"]),
 ]
 
@@ -211,7 +220,8 @@ def entry_point(script):
     saved = list(sys.path)
     sys.path.insert(0, os.path.join(REPO, os.path.dirname(script)))  # write_datasets/*.py import writer_cli
     try:
-        spec = importlib.util.spec_from_file_location("entry_" + re.sub(r"\W", "_", script), os.path.join(REPO, script))
+        name = "entry_" + re.sub(r"\W", "_", script)
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, script))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
