@@ -10,10 +10,9 @@ test_data.py already run train.py and linear_probe.py as processes for other bad
 
 Interruptions: real `python hjepa/train.py` processes get SIGINT, SIGTERM or SIGKILL; they use the
 deterministic 32 px vit_micro of tests/test_train.py, so a resumed run is compared bit for bit with
-one that was not interrupted.
+one that was not interrupted. The loader soak (item 5) is in tests/test_soak.py.
 """
 import functools
-import gc
 import importlib.util
 import json
 import os
@@ -22,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,6 @@ import torch
 from hjepa import train as train_module
 from hjepa.beton import manifest_path
 from hjepa.checkpoint import load_checkpoint, save_checkpoint
-from hjepa.data import build_train_loader
 from hjepa.synthetic import make_imagenet_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -426,32 +423,3 @@ def test_only_the_last_k_epoch_checkpoints_and_the_latest_remain(uninterrupted):
     checkpoints = sorted(name for name in os.listdir(uninterrupted) if name.startswith("checkpoint"))
     assert checkpoints == ["checkpoint.pt", f"checkpoint_ep{EPOCHS - 1:04d}.pt", f"checkpoint_ep{EPOCHS:04d}.pt"]
     assert load_checkpoint(os.path.join(uninterrupted, f"checkpoint_ep{EPOCHS - 1:04d}.pt"))["epoch"] == EPOCHS - 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Soak: many epochs in one process, some abandoned midway
-
-
-def resident_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def thread_counts():
-    return threading.active_count(), len(os.listdir("/proc/self/task"))
-
-
-def test_loader_runs_24_epochs_without_growing_memory_or_threads(tiny_beton):
-    with build_train_loader(tiny_beton, batch_size=8, num_workers=2, image_size=32, seed=0) as loader:
-        for epoch in range(24):
-            for batch, (images, _, _) in enumerate(loader.epoch(epoch)):
-                images.float().mean()  # touch the pixels, as a consumer would
-                if epoch % 3 == 1 and batch == 2:
-                    break  # abandoned midway: the loader must stop FFCV's thread
-            if epoch == 2:
-                gc.collect()
-                rss_early, threads_early = resident_bytes(), thread_counts()
-        gc.collect()
-        rss_late, threads_late = resident_bytes(), thread_counts()
-    assert rss_late <= 1.05 * rss_early, (rss_early, rss_late)
-    assert threads_late[0] <= threads_early[0] and threads_late[1] <= threads_early[1], (threads_early, threads_late)
