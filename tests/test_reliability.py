@@ -3,8 +3,9 @@
 Bad input: each case calls an entry point's own main(argv) -- the function `python <script>` runs,
 inside exit_on_user_error -- and checks exit status 1, one `error:` line naming the offending item,
 no traceback and no file written. A real process pays seconds of imports (FFCV's libffcv load
-alone is ~3 s), so only the cases where the process itself matters run as one: a start-up through
-each kind of script, and the checkpoints with code in them, which must not run in any process.
+alone is ~3 s), so only the cases where the process itself matters run as one: the checkpoints with
+code in them (which must not run in any process) through train.py and linear_probe.py, and one
+start-up each of bench/train_throughput.py and write_datasets/multi.py.
 Those start side by side in one module fixture. tests/test_train.py, test_probe.py and
 test_data.py already run train.py and linear_probe.py as processes for other bad inputs.
 
