@@ -253,3 +253,21 @@ def knn_top1(train_feats, train_labels, val_feats, val_labels, *, k=20, temperat
         votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
         correct += (votes.argmax(dim=1) == val_labels[start:start + chunk_size].to(device)).sum().item()
     return 100.0 * correct / len(val_labels)
+
+
+def knn_monitor(encoder, bank_loader, query_loader, *, device, dtype, k=20, temperature=0.07):
+    """k-NN top-1 (percent) of `encoder` during training: bank from one eval loader, queries from another.
+
+    The encoder is put in eval mode for the extraction and given back in the mode it was in.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        bank_feats, bank_labels = extract_features(encoder, bank_loader, device=device, dtype=dtype, progress=False)
+        query_feats, query_labels = extract_features(encoder, query_loader, device=device, dtype=dtype,
+                                                     progress=False)
+    finally:
+        encoder.train(was_training)
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    return knn_top1(bank_feats, bank_labels, query_feats, query_labels, k=k, temperature=temperature,
+                    num_classes=num_classes, device=device)

@@ -21,13 +21,14 @@ from tqdm import tqdm
 from hjepa import checkpoint as ckpt_io
 from hjepa import schedules
 from hjepa.config import config_as_dict, config_from_cli, format_config, save_config
-from hjepa.data import build_train_loader, normalize_images
+from hjepa.data import build_eval_loader, build_train_loader, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
 from hjepa.plots import draw_run
+from hjepa.probe import knn_monitor
 from hjepa.parallel import (all_gather_tensor, all_reduce_sum, broadcast_object, cleanup_distributed,
                             init_distributed, parameter_checksum)
 from hjepa.runlog import MetricsLog, git_commit, make_run_dir, new_run_name
@@ -63,6 +64,26 @@ def build_loader(cfg, info):
         flip=cfg["data.flip"], color_jitter=cfg["data.color_jitter"], in_memory=cfg["data.in_memory"],
         order=cfg["data.order"], seed=cfg["data.seed"], mixture=cfg["data.mixture"] or None,
         epoch_samples=cfg["data.epoch_samples"], distributed=info.enabled, drop_last=True)
+
+
+def build_monitor_loaders(cfg, train_loader, build=True):
+    """(bank, query) eval loaders for the periodic k-NN monitor, or None when logging.eval_every is 0.
+
+    The bank is the training beton through the eval pipeline; a mixture's members have their own
+    label spaces, so a multi-dataset beton cannot be the bank."""
+    if not cfg["logging.eval_every"]:
+        return None
+    if not cfg["data.val_dataset"]:
+        raise UserError("logging.eval_every needs data.val_dataset (the k-NN monitor's queries)")
+    if train_loader.has_dataset_idx:
+        raise UserError("the k-NN monitor needs a single-dataset data.train_dataset, not a mixture; "
+                        "set logging.eval_every=0 and run eval/linear_probe.py on the member betons")
+    if not build:  # only rank 0 runs the monitor; the others just checked the config with it
+        return None
+    common = dict(batch_size=cfg["data.batch_size"], num_workers=cfg["data.num_workers"],
+                  image_size=cfg["data.image_size"], in_memory=cfg["data.in_memory"])
+    return (build_eval_loader(cfg["data.train_dataset"], **common),
+            build_eval_loader(cfg["data.val_dataset"], **common))
 
 
 class StopRequested(Exception):
@@ -125,6 +146,8 @@ def run(cfg, info, device):
     counts_table = expected_counts_table(loader)
     if counts_table:
         say("expected samples per member per epoch:\n" + counts_table)
+
+    monitor_loaders = build_monitor_loaders(cfg, loader, build=info.is_main)
 
     model = build_model(**model_kwargs(cfg)).to(device)
     grid = model.grid_size
@@ -244,7 +267,7 @@ def run(cfg, info, device):
                         log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                if stop["signal"] is not None or step >= stop_step:
+                if stop_agreed(stop, step, cfg["logging.log_every"], info, device) or step >= stop_step:
                     break
                 t_fetch = time.perf_counter()
             bar.close()
@@ -260,6 +283,11 @@ def run(cfg, info, device):
                     log.write(record)
             if info.enabled and skip == 0 and step % steps_per_epoch == 0:
                 log_rank_overlap(log, loader, epoch, info, device)
+            if monitor_loaders and step % steps_per_epoch == 0 and (epoch + 1) % cfg["logging.eval_every"] == 0:
+                knn = knn_monitor(model.target_encoder, *monitor_loaders, device=device,
+                                  dtype=amp_dtype or torch.float32)
+                log.write({"epoch": epoch, "step": step, "knn_top1": knn})
+                say(f"epoch {epoch}: k-NN top-1 {knn:.2f}% (target encoder)")
             if step % steps_per_epoch == 0 and ((epoch + 1) % cfg["training.checkpoint_every"] == 0
                                                 or epoch + 1 == epochs):
                 _check_finite(nonfinite, step, run_dir)
@@ -285,9 +313,25 @@ def run(cfg, info, device):
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
         loader.close()
+        for monitor_loader in monitor_loaders or ():
+            monitor_loader.close()
         if log:
             log.close()
     return run_dir
+
+
+def stop_agreed(stop, step, log_every, info, device):
+    """Whether to stop for a signal now. Under DDP ranks agree at log steps (an all-reduce), so a
+    signal that reaches ranks at different steps never leaves one rank waiting in the next all-reduce."""
+    if not info.enabled:
+        return stop["signal"] is not None
+    if step % log_every:
+        return False
+    flag = torch.tensor([0.0 if stop["signal"] is None else 1.0], device=device)
+    if all_reduce_sum(flag, info).item() > 0:
+        stop["signal"] = stop["signal"] or "a peer rank's signal"
+        return True
+    return False
 
 
 def save_mask_examples(run_dir, images, masks, grid, count=8):

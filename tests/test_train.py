@@ -35,10 +35,12 @@ def final_parameters(run_dir):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_beton, tmp_path_factory):
-    """One uninterrupted 2-epoch run (4 steps per epoch), deterministic, shared by several tests."""
+    """One uninterrupted 2-epoch run (4 steps per epoch), deterministic, with the k-NN monitor on (the
+    resume test compares it with runs without the monitor, so the monitor must not perturb training)."""
     folder = tmp_path_factory.mktemp("runs")
     args = tiny_args(tiny_beton, folder, "--training.epochs=2", "--training.checkpoint_every=1",
-                     "--training.deterministic=1", "--logging.log_every=1", "--logging.run_name=full")
+                     "--training.deterministic=1", "--logging.log_every=1", "--logging.run_name=full",
+                     "--logging.eval_every=1", f"--data.val_dataset={tiny_beton}")
     return train_module.main(args)
 
 
@@ -59,6 +61,12 @@ def test_metrics_log_every_quantity_per_step(finished_run):
     assert len(steps[0]["level_losses"]) == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert steps[-1]["momentum"] > steps[0]["momentum"]  # EMA ramps towards 1
+
+
+def test_knn_monitor_logs_a_top1_every_eval_every_epochs(finished_run):
+    knn = [r for r in read_metrics(os.path.join(finished_run, "metrics.jsonl")) if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in knn)
 
 
 def test_checkpoint_loads_without_pickle_and_records_the_run(finished_run):
