@@ -18,7 +18,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run
 import torch
 
 from hjepa import schedules
-from hjepa.config import config_from_cli, format_config
+from hjepa.config import config_as_dict, config_from_cli, format_config
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import exit_on_user_error
 from hjepa.flops import mfu, train_flops_per_image
@@ -113,6 +113,7 @@ def main(argv=None):
         "batch_size": batch, "steps": steps, "warmup_steps": warmup,
         "compile": cfg["hardware.compile"], "amp": str(amp_dtype),
         "num_workers": cfg["data.num_workers"],
+        "config": config_as_dict(cfg, ["data", "model", "masking", "hardware", "bench"]),
     }
     rows = [("images/s", f"{images_per_s:,.1f}"), ("step time (ms)", f"{result['step_time_ms']:.1f}"),
             ("MFU", f"{100 * result['mfu']:.2f}% of {result['peak_tflops']} TFLOP/s"),
