@@ -120,9 +120,16 @@ def ffcv_img_s(beton, *, num_workers, batch_size, image_size, crop_scale, flip, 
     with build_train_loader(beton, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
                             crop_scale=crop_scale, flip=flip, color_jitter=0.0, in_memory=True,
                             order="random", seed=0) as loader:
+        reused = {}  # one float batch buffer, as a training loop's allocator would give it
+
         def batches_of_epoch(normalize=True):
             for images, _, _ in loader:
-                x = normalize_images(images, device, torch.float32) if normalize else images  # (B, 3, S, S)
+                if normalize:
+                    buffer = reused.get(images.shape)
+                    x = normalize_images(images, device, torch.float32, out=buffer)  # (B, 3, S, S)
+                    reused[images.shape] = x
+                else:
+                    x = images
                 yield x.shape[0]
 
         img_s = timed_epochs(batches_of_epoch, epochs)
