@@ -29,7 +29,7 @@ from ffcv.reader import Reader
 from torchvision import transforms
 
 from hjepa.beton import read_manifest, write_beton
-from hjepa.config import config_from_cli, save_config
+from hjepa.config import config_from_cli, format_config, save_config
 from hjepa.data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader, normalize_images
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.sources import image_folder_samples
@@ -174,6 +174,7 @@ def decode_ceiling_img_s(beton, *, num_workers, repeats=2):
 @exit_on_user_error
 def main(argv=None):
     cfg = config_from_cli(__doc__, argv)
+    print(format_config(cfg, ["bench", "data", "cfg"]), flush=True)
     out = cfg["bench.out"]
     if not out:
         raise UserError("bench.out is empty: pass --bench.out=FILE.json")

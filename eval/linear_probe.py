@@ -23,7 +23,7 @@ import torch
 from hjepa import probe
 from hjepa.beton import read_manifest
 from hjepa.checkpoint import load_checkpoint, load_state_strict
-from hjepa.config import config_from_cli, format_config
+from hjepa.config import config_as_dict, config_from_cli, format_config
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.vit import build_encoder
 
@@ -175,6 +175,7 @@ def main(argv=None):
         "timings_s": {"train_features": round(train_s, 2), "val_features": round(val_s, 2),
                       "probe": round(probe_s, 2), "knn": round(knn_s, 2)},
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config": config_as_dict(cfg, ["eval", "model", "data"]),
     }
     out = cfg["eval.out"] or default_path(cfg, f"probe_{result['dataset']}_{encoder_name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
