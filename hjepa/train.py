@@ -110,6 +110,26 @@ def resume_path(cfg, run_dir):
     return resume or None
 
 
+def restore_checkpoint(path, model, optimizer, steps_per_epoch):
+    """Load model parts, optimiser and RNG from `path`; return the step to continue from."""
+    state = ckpt_io.load_checkpoint(path)
+    diff = ckpt_io.architecture_differences(model.model_config, state["model_config"])
+    if diff:
+        raise UserError(f"{path} is a checkpoint of another architecture: " + "; ".join(diff))
+    saved_steps_per_epoch = state["sampler"]["steps_per_epoch"]
+    if saved_steps_per_epoch != steps_per_epoch:  # the step -> (epoch, batch) map would shift
+        raise UserError(f"{path} was written with {saved_steps_per_epoch} steps per epoch, this run has "
+                        f"{steps_per_epoch}: resume with the same data.batch_size, data.epoch_samples and "
+                        "number of processes")
+    for part in ckpt_io.MODEL_PARTS:
+        module = getattr(model, part, None)
+        if module is not None:
+            ckpt_io.load_state_strict(module, state[part], part, path)
+    optimizer.load_state_dict(state["optimizer"])
+    ckpt_io.restore_rng_state(state["rng"])
+    return state["step"]
+
+
 @exit_on_user_error
 def main(argv=None):
     cfg = config_from_cli(__doc__, argv)
@@ -155,21 +175,10 @@ def run(cfg, info, device):
     optimizer = build_optimizer(model, lr=peak_lr, weight_decay=cfg["optim.weight_decay"],
                                 betas=(cfg["optim.beta1"], cfg["optim.beta2"]))
 
-    start_step = 0
     path = resume_path(cfg, run_dir)
+    start_step = restore_checkpoint(path, model, optimizer, steps_per_epoch) if path else 0
     if path:
-        state = ckpt_io.load_checkpoint(path)
-        diff = ckpt_io.architecture_differences(model.model_config, state["model_config"])
-        if diff:
-            raise UserError(f"{path} is a checkpoint of another architecture: " + "; ".join(diff))
-        for part in ckpt_io.MODEL_PARTS:
-            module = getattr(model, part, None)
-            if module is not None:
-                ckpt_io.load_state_strict(module, state[part], part, path)
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt_io.restore_rng_state(state["rng"])
-        start_step = state["step"]
-        say(f"resumed from {path} at step {start_step} (epoch {state['epoch']})")
+        say(f"resumed from {path} at step {start_step}")
 
     forward = model
     if info.enabled:
@@ -191,7 +200,8 @@ def run(cfg, info, device):
     amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
     masking = mask_kwargs(cfg)
     tokens = grid[0] * grid[1]
-    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=tokens)
+    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=tokens,
+                                            batch_size=batch)  # real token counts: context cut to the batch min
 
     last_saved = {"step": start_step if path else None}
 

@@ -159,3 +159,10 @@ def test_mixture_counts_logged_each_epoch_match_the_table_printed_at_start(tiny_
         for name, count in zip(record["member_names"], record["member_counts"]):
             assert re.search(rf"^{name}\s+\d+\s+{count}\s", printed, re.M), name
     assert os.path.isfile(os.path.join(run_dir, "mixture_counts.png"))
+
+
+def test_resuming_with_another_batch_size_fails_naming_both_step_counts(finished_run, tiny_beton, tmp_path):
+    shutil.copy(os.path.join(finished_run, "checkpoint.pt"), tmp_path / "ckpt.pt")
+    args = tiny_args(tiny_beton, tmp_path, "--data.batch_size=8", f"--training.resume={tmp_path / 'ckpt.pt'}")
+    with pytest.raises(UserError, match="written with 4 steps per epoch, this run has 8"):
+        train_module.main.__wrapped__(args)
