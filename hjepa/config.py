@@ -144,7 +144,8 @@ def _declare_sections(cfg):
         color_jitter=_p(Number(0.0, 1.0), "brightness/contrast/saturation jitter strength, 0 disables", default=0.0),
         batch_size=_p(Integer(1), "images per step per GPU (per process)", default=256),
         num_workers=_p(Integer(1, 256), "FFCV decoding threads per process", default=8),
-        in_memory=_p(Boolean(), "1: read the whole beton into RAM; 0: stream through the OS cache", default=True),
+        in_memory=_p(Boolean(), "1: the beton fits in RAM: mmap it, the OS caches it (FFCV os_cache); "
+                     "0: FFCV's own page reads, for betons larger than RAM (use order=quasi_random)", default=True),
         order=_p(Choice("random", "quasi_random", "weighted", "balanced"),
                  "traversal order; weighted/balanced use data.mixture", default="random"),
         seed=_p(Integer(0), "seed of the sample order and augmentations", default=0),
