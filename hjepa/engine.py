@@ -53,7 +53,9 @@ def train_step(model, forward, optimizer, images, masks, *, lr, weight_decay, mo
 
 
 def masks_to_device(masks, device):
-    """Index tensors to the device, non-blocking (they come from pinned CPU memory or numpy)."""
-    return type(masks)(ctx_idx=masks.ctx_idx.to(device, non_blocking=True),
-                       tgt_idx=masks.tgt_idx.to(device, non_blocking=True),
-                       tgt_shape=masks.tgt_shape)
+    """Index tensors to the device without a sync: pinned first, since a copy from pageable (numpy)
+    memory makes CUDA drain the stream before it starts."""
+    def move(t):
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+    return type(masks)(ctx_idx=move(masks.ctx_idx), tgt_idx=move(masks.tgt_idx), tgt_shape=masks.tgt_shape)
