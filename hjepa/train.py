@@ -145,6 +145,9 @@ def run(cfg, info, device):
     torch.set_num_threads(cfg["hardware.num_threads"] or os.cpu_count() or 1)
     if cfg["training.deterministic"]:
         torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":  # TF32 for whatever autocast leaves in fp32 (the EMA, the loss, the optimizer)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["training.seed"] + info.rank)
     if not cfg["data.train_dataset"]:
         raise UserError("data.train_dataset is empty: pass --data.train_dataset=PATH.beton (see write_datasets/)")
