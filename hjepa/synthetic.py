@@ -57,19 +57,31 @@ def _smooth_noise(rng, height, width, cells):
     return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def draw_image(kind, rng, size=(64, 48)):
-    """One (H, W, 3) uint8 image of an object of `kind` at a random colour, place, scale and angle."""
+def draw_image(kind, rng, size=(64, 48), *, radius_range=(0.2, 0.42), clutter=35.0, contrast=0.0):
+    """One (H, W, 3) uint8 image of an object of `kind` at a random colour, place, scale and angle.
+
+    radius_range: object radius as a fraction of the shorter side. clutter: amplitude (0-255 scale)
+    of the background's low-frequency blotches. contrast > 0 draws the background's colour channels
+    from one end of [0, 255] and the object's from the other (which end is a coin flip), with a gap of
+    `contrast` between the two ranges: the object's outline always stands out in luminance, while its
+    hue, and whether it is the darker or brighter part, stay random.
+    """
     width, height = size
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     # Background: a gradient between two random colours along a random direction, plus blotches.
     angle = np.float32(rng.uniform(0, 2 * np.pi))
     ramp = (x * np.cos(angle) + y * np.sin(angle)) / max(width, height)
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    colour_a, colour_b = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    if contrast > 0:
+        low, high = (0.0, (255 - contrast) / 2), ((255 + contrast) / 2, 255.0)
+        background_range, object_range = (low, high) if rng.random() < 0.5 else (high, low)
+    else:
+        background_range = object_range = (0.0, 255.0)
+    colour_a, colour_b = rng.uniform(*background_range, size=(2, 3)).astype(np.float32)
     image = colour_a + ramp[..., None] * (colour_b - colour_a)  # (H, W, 3)
-    image += 35 * _smooth_noise(rng, height, width, int(rng.integers(3, 9)))[..., None]
+    image += clutter * _smooth_noise(rng, height, width, int(rng.integers(3, 9)))[..., None]
     # Foreground object, with its own colour and shading texture.
-    radius = np.float32(rng.uniform(0.2, 0.42) * min(width, height))
+    radius = np.float32(rng.uniform(*radius_range) * min(width, height))
     cx = np.float32(rng.uniform(radius, width - radius))
     cy = np.float32(rng.uniform(radius, height - radius))
     rotation = np.float32(rng.uniform(0, 2 * np.pi))
@@ -77,7 +89,7 @@ def draw_image(kind, rng, size=(64, 48)):
     u = dx * np.cos(rotation) + dy * np.sin(rotation)
     v = -dx * np.sin(rotation) + dy * np.cos(rotation)
     mask = _object_mask(kind, u, v)
-    colour = rng.uniform(0, 255, size=3).astype(np.float32)
+    colour = rng.uniform(*object_range, size=3).astype(np.float32)
     shade = colour + 40 * _smooth_noise(rng, height, width, 12)[..., None]
     image = np.where(mask[..., None], shade, image)
     image += 6 * rng.standard_normal(size=image.shape, dtype=np.float32)  # sensor-like grain
@@ -95,30 +107,32 @@ def make_images(num_per_class, num_classes, *, size=(64, 48), seed=0):
 
 
 def _draw_and_save(job):
-    path, kind, rng_key, size, jpeg_quality = job
-    image = draw_image(kind, np.random.default_rng(rng_key), size)
+    path, kind, rng_key, size, jpeg_quality, draw_options = job
+    image = draw_image(kind, np.random.default_rng(rng_key), size, **draw_options)
     Image.fromarray(image).save(path, format="JPEG", quality=jpeg_quality)
 
 
 def make_imagenet_tree(root, *, wnids, decoy_wnids=(), train_per_class, val_per_class,
-                       size=(500, 375), seed=0, val_layout="folders", jpeg_quality=90, num_workers=1):
+                       size=(500, 375), seed=0, val_layout="folders", jpeg_quality=90, num_workers=1,
+                       draw_options=None):
     """Write an ImageNet-1k-style tree of JPEGs under `root`; return {split: number of images}.
 
     train/<wnid>/<wnid>_<i>.JPEG for every wnid in wnids + decoy_wnids; val either as
     val/<wnid>/ILSVRC2012_val_<n>.JPEG (val_layout="folders") or flat val/ILSVRC2012_val_<n>.JPEG plus
     LOC_val_solution.csv in the official Kaggle format (`ImageId,PredictionString` with
     `wnid x_min y_min x_max y_max` boxes) (val_layout="flat"). Class k of the combined list is drawn
-    as KINDS[k % len(KINDS)].
+    as KINDS[k % len(KINDS)]; draw_options (a dict) passes keyword arguments on to draw_image.
     """
     if val_layout not in ("folders", "flat"):
         raise ValueError(f"val_layout must be 'folders' or 'flat', got {val_layout!r}")
     all_wnids = list(wnids) + list(decoy_wnids)
+    draw_options = dict(draw_options or {})
     jobs, solution = [], []
     for k, wnid in enumerate(all_wnids):
         os.makedirs(os.path.join(root, "train", wnid), exist_ok=True)
         for i in range(train_per_class):
             path = os.path.join(root, "train", wnid, f"{wnid}_{i}.JPEG")
-            jobs.append((path, KINDS[k % len(KINDS)], [seed, 0, k, i], size, jpeg_quality))
+            jobs.append((path, KINDS[k % len(KINDS)], [seed, 0, k, i], size, jpeg_quality, draw_options))
     val_number = 0
     for i in range(val_per_class):  # interleave classes, as the real val set does
         for k, wnid in enumerate(all_wnids):
@@ -127,7 +141,7 @@ def make_imagenet_tree(root, *, wnids, decoy_wnids=(), train_per_class, val_per_
             folder = os.path.join(root, "val", wnid) if val_layout == "folders" else os.path.join(root, "val")
             os.makedirs(folder, exist_ok=True)
             jobs.append((os.path.join(folder, name + ".JPEG"), KINDS[k % len(KINDS)], [seed, 1, k, i],
-                         size, jpeg_quality))
+                         size, jpeg_quality, draw_options))
             solution.append((name, wnid))
     if num_workers > 1:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:

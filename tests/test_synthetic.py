@@ -3,6 +3,7 @@ import csv
 import os
 
 import numpy as np
+from PIL import Image
 
 from hjepa.synthetic import KINDS, draw_image, make_images, make_imagenet_tree
 
@@ -31,6 +32,29 @@ def test_every_kind_draws_a_visible_object():
     for kind in KINDS:
         image = draw_image(kind, rng, (64, 48))
         assert image.std() > 10, kind
+
+
+def test_contrast_puts_object_and_background_channels_on_opposite_sides_of_the_gap():
+    # A circle of radius 0.45 x 80 px always covers the centre and never the corners.
+    centre_minus_corner = []
+    for i in range(20):
+        image = draw_image("circle", np.random.default_rng(i), (80, 80), radius_range=(0.45, 0.45),
+                           clutter=0.0, contrast=100.0).astype(np.float32)
+        centre_minus_corner.append(image[35:45, 35:45].mean(axis=(0, 1)) - image[:4, :4].mean(axis=(0, 1)))
+    gaps = np.array(centre_minus_corner)  # (20, 3)
+    assert (np.abs(gaps) > 60).all()
+    # Bright-on-dark and dark-on-bright both occur, and in each image all three channels agree.
+    assert (gaps > 0).all(axis=1).any() and (gaps < 0).all(axis=1).any()
+    assert ((gaps > 0).all(axis=1) | (gaps < 0).all(axis=1)).all()
+
+
+def test_draw_options_reach_every_image_of_a_tree(tmp_path):
+    make_imagenet_tree(str(tmp_path), wnids=["n01749939"], train_per_class=2, val_per_class=1, size=(32, 24),
+                       draw_options=dict(clutter=0.0, contrast=100.0, radius_range=(0.3, 0.3)))
+    expected = draw_image(KINDS[0], np.random.default_rng([0, 0, 0, 1]), (32, 24), clutter=0.0, contrast=100.0,
+                          radius_range=(0.3, 0.3))
+    written = np.asarray(Image.open(tmp_path / "train" / "n01749939" / "n01749939_1.JPEG"))
+    assert np.abs(written.astype(np.float32) - expected).mean() < 10  # JPEG error on the grain only
 
 
 def test_flat_val_tree_has_official_solution_file(tmp_path):
