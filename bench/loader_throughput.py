@@ -15,7 +15,6 @@ bench.batch_size, and (a), (b) the same crop (data.image_size, scale data.crop_s
 """
 import json
 import os
-import platform
 import sys
 import time
 
@@ -32,21 +31,11 @@ from hjepa.beton import read_manifest, write_beton
 from hjepa.config import config_from_cli, format_config, save_config
 from hjepa.data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader, normalize_images
 from hjepa.errors import UserError, exit_on_user_error
+from hjepa.runlog import cpu_model
 from hjepa.sources import image_folder_samples
 from hjepa.synthetic import make_imagenet_tree
 
 NUM_SYNTHETIC_CLASSES = 10
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def image_folder(data_dir, num_images, work_dir, num_workers):

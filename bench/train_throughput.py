@@ -9,7 +9,6 @@ device events on CUDA (synchronised once per timed window), wall clock on the CP
 """
 import json
 import os
-import platform
 import sys
 import time
 
@@ -21,6 +20,7 @@ from hjepa import schedules
 from hjepa.config import config_as_dict, config_from_cli, format_config
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import exit_on_user_error
+from hjepa.runlog import cpu_model
 from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
@@ -48,14 +48,6 @@ def batches_forever(cfg, device_name):
             images = images.pin_memory()
         while True:
             yield images
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 @exit_on_user_error

@@ -1,6 +1,7 @@
 """The run folder: params.json, metrics.jsonl, the git commit, and where checkpoints live."""
 import json
 import os
+import platform
 import secrets
 import subprocess
 import time
@@ -23,6 +24,18 @@ def git_commit(repo_dir=None):
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def cpu_model():
+    """The CPU's model name, for benchmark records."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def make_run_dir(folder, run_name):
