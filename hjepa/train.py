@@ -6,6 +6,7 @@
 Writes a run folder <logging.folder>/<time>-<id> (or <logging.run_name>) with params.json,
 metrics.jsonl, checkpoint.pt (always the latest) and PNG plots.
 """
+import functools
 import math
 import os
 import signal
@@ -198,8 +199,8 @@ def run(cfg, info, device):
             f.write(git_commit() + "\n")
     log = MetricsLog(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None
 
-    sched = dict(total_steps=total_steps)
-    warmup_steps = round(cfg["optim.warmup_epochs"] * steps_per_epoch)
+    schedule_at = functools.partial(schedule_values, cfg=cfg, peak_lr=peak_lr, total_steps=total_steps,
+                                    warmup_steps=round(cfg["optim.warmup_epochs"] * steps_per_epoch))
     amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
     masking = mask_kwargs(cfg)
     tokens = grid[0] * grid[1]
@@ -212,13 +213,7 @@ def run(cfg, info, device):
         if not info.is_main or last_saved["step"] == step:
             return
         last_saved["step"] = step
-        state = {"model_config": model.model_config, "optimizer": optimizer.state_dict(), "step": step,
-                 "epoch": epoch, "config": config_as_dict(cfg), "rng": ckpt_io.rng_state(),
-                 "sampler": {"seed": cfg["data.seed"], "order": cfg["data.order"],
-                             "steps_per_epoch": steps_per_epoch, "batches_done": step % steps_per_epoch}}
-        for part in ckpt_io.MODEL_PARTS:
-            module = getattr(model, part, None)
-            state[part] = module.state_dict() if module is not None else {}
+        state = training_state(model, optimizer, cfg, step=step, epoch=epoch, steps_per_epoch=steps_per_epoch)
         latest = os.path.join(run_dir, "checkpoint.pt")
         ckpt_io.save_checkpoint(state, latest)
         if step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg["training.checkpoint_every"] == 0:
@@ -253,16 +248,8 @@ def run(cfg, info, device):
                 if step == 0 and info.is_main:
                     save_mask_examples(run_dir, images, masks, grid)
                 x = normalize_images(images, device, amp_dtype or torch.float32)  # (B, 3, H, W)
-                out = train_step(
-                    model, forward, optimizer, x, masks_to_device(masks, device),
-                    lr=schedules.learning_rate(
-                        step, warmup_steps=warmup_steps, peak_lr=peak_lr, min_lr=cfg["optim.min_lr"],
-                        warmup_start_lr=peak_lr * cfg["optim.warmup_start_factor"], **sched),
-                    weight_decay=schedules.weight_decay(
-                        step, start=cfg["optim.weight_decay"], end=cfg["optim.final_weight_decay"], **sched),
-                    momentum=schedules.ema_momentum(step, start=cfg["optim.ema_start"], end=cfg["optim.ema_end"],
-                                                    **sched),
-                    amp_dtype=amp_dtype, clip_grad=cfg["optim.clip_grad"])
+                out = train_step(model, forward, optimizer, x, masks_to_device(masks, device),
+                                 **schedule_at(step), amp_dtype=amp_dtype, clip_grad=cfg["optim.clip_grad"])
                 nonfinite |= ~torch.isfinite(out["loss"].detach())
                 step += 1
                 window_steps += 1
@@ -272,8 +259,7 @@ def run(cfg, info, device):
                         raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good "
                                         f"checkpoint stays in {run_dir}")
                     elapsed = time.perf_counter() - window_start
-                    record = _metrics_record(out, step, epoch, optimizer, sched_momentum=schedules.ema_momentum(
-                        step - 1, start=cfg["optim.ema_start"], end=cfg["optim.ema_end"], **sched),
+                    record = _metrics_record(out, step, epoch, optimizer, sched_momentum=schedule_at(step - 1)["momentum"],
                         images_per_s=window_steps * global_batch / elapsed, data_wait=data_wait / elapsed,
                         flops_per_image=flops_per_image, peak_tflops=cfg["hardware.peak_tflops"])
                     if log:
@@ -331,6 +317,30 @@ def run(cfg, info, device):
         if log:
             log.close()
     return run_dir
+
+
+def schedule_values(step, *, cfg, peak_lr, total_steps, warmup_steps):
+    """{lr, weight_decay, momentum} at `step`: pure functions of the step (hjepa.schedules)."""
+    o = "optim."
+    return dict(
+        lr=schedules.learning_rate(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=peak_lr,
+                                   warmup_start_lr=peak_lr * cfg[o + "warmup_start_factor"], min_lr=cfg[o + "min_lr"]),
+        weight_decay=schedules.weight_decay(step, total_steps=total_steps, start=cfg[o + "weight_decay"],
+                                            end=cfg[o + "final_weight_decay"]),
+        momentum=schedules.ema_momentum(step, total_steps=total_steps, start=cfg[o + "ema_start"],
+                                        end=cfg[o + "ema_end"]))
+
+
+def training_state(model, optimizer, cfg, *, step, epoch, steps_per_epoch):
+    """Everything a checkpoint holds (hjepa.checkpoint documents the format)."""
+    state = {"model_config": model.model_config, "optimizer": optimizer.state_dict(), "step": step,
+             "epoch": epoch, "config": config_as_dict(cfg), "rng": ckpt_io.rng_state(),
+             "sampler": {"seed": cfg["data.seed"], "order": cfg["data.order"],
+                         "steps_per_epoch": steps_per_epoch, "batches_done": step % steps_per_epoch}}
+    for part in ckpt_io.MODEL_PARTS:
+        module = getattr(model, part, None)
+        state[part] = module.state_dict() if module is not None else {}
+    return state
 
 
 def stop_agreed(stop, step, log_every, info, device):
