@@ -13,7 +13,7 @@ def exit_on_user_error(main):
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
-        sys.unraisablehook = _ignore_numba_finalizer_keyerror
+        install_unraisable_filter()
         try:
             return main(*args, **kwargs)
         except UserError as e:
@@ -23,11 +23,23 @@ def exit_on_user_error(main):
     return wrapped
 
 
-def _ignore_numba_finalizer_keyerror(unraisable):
-    """Drop exactly the KeyError numba's dispatcher finalizer raises at interpreter exit (harmless,
-    ../shared/notes/stack.md pitfall 8) so it cannot bury a real error in a log; pass on the rest."""
+def is_numba_finalizer_keyerror(unraisable):
+    """The KeyError numba's dispatcher finalizer raises at interpreter exit: harmless
+    (../shared/notes/stack.md pitfall 8), but it can bury a real error in a log."""
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    if unraisable.exc_type is KeyError and any(
-            "numba" in frame.filename and frame.name == "finalizer" for frame in frames):
+    return unraisable.exc_type is KeyError and any(
+        "numba" in frame.filename and frame.name == "finalizer" for frame in frames)
+
+
+def install_unraisable_filter():
+    """Drop exactly that message; everything else goes to the hook that was there before (once)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_numba_finalizer_keyerror", False):
         return
-    sys.__unraisablehook__(unraisable)
+
+    def hook(unraisable):
+        if not is_numba_finalizer_keyerror(unraisable):
+            previous(unraisable)
+
+    hook.drops_numba_finalizer_keyerror = True
+    sys.unraisablehook = hook

@@ -3,7 +3,7 @@ nothing else is."""
 import sys
 import types
 
-from hjepa.errors import _ignore_numba_finalizer_keyerror
+from hjepa.errors import install_unraisable_filter, is_numba_finalizer_keyerror
 
 
 def raised_in(filename, function_name, exc_type):
@@ -16,12 +16,21 @@ def raised_in(filename, function_name, exc_type):
                                      err_msg=None, object=None)
 
 
-def test_numba_finalizer_keyerror_is_dropped_and_other_unraisables_pass_on(monkeypatch):
+NUMBA_FILE = "/venv/site-packages/numba/core/dispatcher.py"
+
+
+def test_only_numbas_finalizer_keyerror_counts_as_noise():
+    assert is_numba_finalizer_keyerror(raised_in(NUMBA_FILE, "finalizer", KeyError))
+    assert not is_numba_finalizer_keyerror(raised_in("/repo/hjepa/data.py", "finalizer", KeyError))
+    assert not is_numba_finalizer_keyerror(raised_in(NUMBA_FILE, "finalizer", ValueError))
+
+
+def test_filter_passes_everything_else_to_the_previous_hook_and_installs_once(monkeypatch):
     passed_on = []
-    monkeypatch.setattr(sys, "__unraisablehook__", passed_on.append)
-    numba_noise = raised_in("/venv/site-packages/numba/core/dispatcher.py", "finalizer", KeyError)
-    real_keyerror = raised_in("/repo/hjepa/data.py", "finalizer", KeyError)
-    other_numba_error = raised_in("/venv/site-packages/numba/core/dispatcher.py", "finalizer", ValueError)
-    for unraisable in (numba_noise, real_keyerror, other_numba_error):
-        _ignore_numba_finalizer_keyerror(unraisable)
-    assert passed_on == [real_keyerror, other_numba_error]
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    install_unraisable_filter()
+    install_unraisable_filter()
+    noise, real = raised_in(NUMBA_FILE, "finalizer", KeyError), raised_in("/repo/x.py", "f", KeyError)
+    sys.unraisablehook(noise)
+    sys.unraisablehook(real)
+    assert passed_on == [real]
