@@ -29,8 +29,8 @@ from hjepa.train import build_loader, mask_kwargs, model_kwargs
 from hjepa.data import normalize_images
 
 
-def batches_forever(cfg, device_name):
-    """(images uint8 (B,3,H,W), from_loader) pairs: the real loader looped over epochs, or one fixed batch."""
+def batches_forever(cfg):
+    """uint8 (B, 3, H, W) CPU batches: the real train loader looped over epochs, or one fixed random batch."""
     if cfg["data.train_dataset"]:
         loader = build_loader(cfg, Dist())
         epoch = 0
@@ -44,8 +44,6 @@ def batches_forever(cfg, device_name):
     else:
         size, batch = cfg["data.image_size"], cfg["data.batch_size"]
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-        if device_name == "cuda":
-            images = images.pin_memory()
         while True:
             yield images
 
@@ -73,7 +71,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    source = batches_forever(cfg, device.type)
+    source = batches_forever(cfg)
     data_wait, t0 = 0.0, None
     for step in range(warmup + steps):
         if step == warmup:
@@ -83,8 +81,7 @@ def main(argv=None):
         images = next(source)
         data_wait += time.perf_counter() - t_fetch
         masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=0, step=step, rank=0, **masking)
-        x = torch.as_tensor(images).to(device, non_blocking=True)
-        x = normalize_images(x, device, amp_dtype or torch.float32)
+        x = normalize_images(images, device, amp_dtype or torch.float32)  # (B, 3, H, W)
         train_step(model, forward, optimizer, x, masks_to_device(masks, device), lr=1e-4, weight_decay=0.05,
                    momentum=schedules.ema_momentum(step, total_steps=warmup + steps, start=0.996, end=1.0),
                    amp_dtype=amp_dtype)

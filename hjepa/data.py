@@ -12,6 +12,7 @@ same epoch gives the same batches in a fresh process, and `set_epoch(epoch, star
 at batch k without decoding batches 0..k-1.
 """
 import contextlib
+import functools
 import os
 import queue
 
@@ -314,6 +315,15 @@ def _pipelines(fields, image_ops):
     return pipelines
 
 
+@functools.lru_cache(maxsize=None)
+def _normalisation_constants(device):
+    """(scale, shift), each (1, 3, 1, 1) float32 on `device`, with x * scale + shift = (x/255 - mean)/std.
+    Made once per device: building them each step would be two small host->device copies per step."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (1.0 / (255 * std)).to(device), (-mean / std).to(device)
+
+
 def normalize_images(images, device, dtype, out=None):
     """uint8 (B, 3, H, W) -> (images/255 - ImageNet mean) / std as `dtype` on `device`.
 
@@ -325,10 +335,8 @@ def normalize_images(images, device, dtype, out=None):
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_images takes uint8 images, got {images.dtype}")
     device = torch.device(device)
-    scale = 1.0 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
-    shift = -torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / torch.tensor(
-        IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    if device.type == "cuda":
+    scale, shift = _normalisation_constants(device)
+    if device.type == "cuda" and images.device.type == "cpu":
         # A copy from pageable memory makes CUDA wait for the stream to drain first (a hidden sync
         # each step); from pinned memory it is truly asynchronous. torch caches pinned blocks.
         images = images.pin_memory()

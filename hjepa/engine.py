@@ -6,9 +6,7 @@ import torch
 
 def build_optimizer(model, *, lr, weight_decay, betas):
     """AdamW over the trainable parts; decay only on matrices (model.param_groups decides which)."""
-    groups = model.param_groups(weight_decay)
-    for group in groups:
-        group["apply_weight_decay"] = group["weight_decay"] > 0
+    groups = model.param_groups(weight_decay)  # tagged apply_weight_decay by the model
     fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
@@ -16,7 +14,7 @@ def build_optimizer(model, *, lr, weight_decay, betas):
 def set_optimizer_schedule(optimizer, *, lr, weight_decay):
     for group in optimizer.param_groups:
         group["lr"] = lr
-        if group.get("apply_weight_decay", True):
+        if group["apply_weight_decay"]:
             group["weight_decay"] = weight_decay
 
 

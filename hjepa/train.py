@@ -255,13 +255,12 @@ def run(cfg, info, device):
                 window_steps += 1
                 bar.update(1)
                 if step % cfg["logging.log_every"] == 0 or step == stop_step:
-                    if bool(nonfinite):  # a device sync point, like reading the loss below
-                        raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good "
-                                        f"checkpoint stays in {run_dir}")
+                    _check_finite(nonfinite, step, run_dir)  # a device sync point, like reading the loss below
                     elapsed = time.perf_counter() - window_start
-                    record = _metrics_record(out, step, epoch, optimizer, sched_momentum=schedule_at(step - 1)["momentum"],
-                        images_per_s=window_steps * global_batch / elapsed, data_wait=data_wait / elapsed,
-                        flops_per_image=flops_per_image, peak_tflops=cfg["hardware.peak_tflops"])
+                    record = _metrics_record(out, step, epoch, schedule_at(step - 1),
+                                             images_per_s=window_steps * global_batch / elapsed,
+                                             data_wait=data_wait / elapsed, flops_per_image=flops_per_image,
+                                             peak_tflops=cfg["hardware.peak_tflops"])
                     if log:
                         log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
@@ -384,12 +383,10 @@ def _check_finite(nonfinite, step, run_dir):
         raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good checkpoint stays in {run_dir}")
 
 
-def _metrics_record(out, step, epoch, optimizer, *, sched_momentum, images_per_s, data_wait,
-                    flops_per_image, peak_tflops):
-    group = optimizer.param_groups[0]
-    decay = [g["weight_decay"] for g in optimizer.param_groups if g.get("apply_weight_decay", True)]
-    return {"step": step, "epoch": epoch, "lr": group["lr"], "wd": decay[0] if decay else 0.0,
-            "momentum": sched_momentum, "loss": float(out["loss"].detach()),
+def _metrics_record(out, step, epoch, schedule, *, images_per_s, data_wait, flops_per_image, peak_tflops):
+    """One metrics.jsonl line; `schedule` is what the step that produced `out` ran with."""
+    return {"step": step, "epoch": epoch, "lr": schedule["lr"], "wd": schedule["weight_decay"],
+            "momentum": schedule["momentum"], "loss": float(out["loss"].detach()),
             "level_losses": [float(x) for x in out["level_losses"]],
             "target_std": float(out["target_std"]), "pred_std": float(out["pred_std"]),
             "grad_norm": float(out["grad_norm"]), "images_per_s": images_per_s,
