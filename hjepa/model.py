@@ -126,7 +126,7 @@ class HJEPA(nn.Module):
             head_preds = {}
         else:
             z_pred, hidden = self.predictor(z_ctx, ctx_idx, tgt_idx, return_hidden=True)
-            head_preds = dict(zip(self.level_heads_levels, self.level_heads(hidden)))
+            head_preds = dict(zip(self.level_heads.levels, self.level_heads(hidden)))
 
         # 3. loss per level on the 2-D-pooled blocks, weighted sum
         loss_fn = LOSSES[self.loss_name]
@@ -142,12 +142,6 @@ class HJEPA(nn.Module):
         return dict(loss=loss, level_losses=level_losses.detach(),
                     target_std=std_across_batch(z_tgt[final_depth], batch_size),
                     pred_std=std_across_batch(z_pred, batch_size))
-
-    @property
-    def level_heads_levels(self):
-        # level_heads may be wrapped (DDP, torch.compile); the level list lives on the inner module
-        heads = self.level_heads
-        return getattr(heads, "module", getattr(heads, "_orig_mod", heads)).levels
 
     @torch.no_grad()
     def update_target(self, momentum):

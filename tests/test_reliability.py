@@ -16,6 +16,7 @@ one that was not interrupted. The loader soak (item 5) is in tests/test_soak.py.
 import functools
 import importlib.util
 import json
+from pathlib import Path
 import os
 import re
 import shutil
@@ -34,14 +35,8 @@ from hjepa import train as train_module
 from hjepa.beton import manifest_path
 from hjepa.checkpoint import load_checkpoint, save_checkpoint
 from hjepa.synthetic import make_imagenet_tree
+from tiny_training import REPO, TINY, assert_same_parameters, final_parameters
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# As in tests/test_train.py: 32 px, 8x8 patches, a step takes tens of milliseconds on one core.
-TINY = ["--data.image_size=32", "--data.batch_size=16", "--data.num_workers=1", "--model.arch=vit_micro",
-        "--model.patch_size=4", "--model.predictor_embed_dim=48", "--model.predictor_depth=1",
-        "--model.predictor_num_heads=2", "--masking.min_keep=4", "--hardware.device=cpu",
-        "--hardware.num_threads=1", "--logging.progress=0", "--optim.warmup_epochs=1"]
 STEPS_PER_EPOCH, EPOCHS = 4, 10  # tiny_beton: 64 images in batches of 16
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 
@@ -65,8 +60,8 @@ def bad_files(tiny_beton, tmp_path_factory):
     """Namespace of broken inputs, all in one folder (`folder`)."""
     folder = tmp_path_factory.mktemp("bad_inputs")
     f = types.SimpleNamespace(folder=folder, beton=tiny_beton)
-    data = open(tiny_beton, "rb").read()
-    manifest = json.load(open(manifest_path(tiny_beton)))
+    data = Path(tiny_beton).read_bytes()
+    manifest = json.loads(Path(manifest_path(tiny_beton)).read_text())
 
     f.truncated = folder / "truncated.beton"  # a copy cut in half, beside the original's manifest
     f.truncated.write_bytes(data[: len(data) // 2])
@@ -77,10 +72,10 @@ def bad_files(tiny_beton, tmp_path_factory):
     f.junk.write_bytes(np.random.default_rng(0).bytes(50_000))
     f.stale = folder / "stale.beton"  # the manifest disagrees with the beton
     shutil.copy(tiny_beton, f.stale)
-    json.dump({**manifest, "num_samples": 65}, open(manifest_path(f.stale), "w"))
+    Path(manifest_path(f.stale)).write_text(json.dumps({**manifest, "num_samples": 65}))
     f.escape = folder / "escape.beton"  # the manifest's dataset name climbs out of any folder
     shutil.copy(tiny_beton, f.escape)
-    json.dump({**manifest, "dataset": "../../escaped"}, open(manifest_path(f.escape), "w"))
+    Path(manifest_path(f.escape)).write_text(json.dumps({**manifest, "dataset": "../../escaped"}))
 
     f.missing_ckpt = folder / "missing.pt"
     save_checkpoint({"model_config": {}, "weights": torch.randn(50_000)}, str(folder / "whole.pt"))
@@ -309,18 +304,9 @@ def run_args(beton, folder, run_name, *extra):
             "--training.deterministic=1", "--logging.log_every=1", "--logging.plots=0", *extra]
 
 
-def final_parameters(run_dir):
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
-    assert ckpt["step"] == TOTAL_STEPS
-    return {f"{part}.{k}": v for part in ("context_encoder", "target_encoder", "predictor", "level_heads")
-            for k, v in ckpt[part].items()}
-
-
-def assert_same_parameters(run_dir, reference_dir):
-    got, expected = final_parameters(run_dir), final_parameters(reference_dir)
-    assert got.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
+def assert_same_final_parameters(run_dir, reference_dir):
+    assert final_parameters(reference_dir)[0] == TOTAL_STEPS
+    assert_same_parameters(run_dir, reference_dir)
 
 
 def logged_steps(run_dir):
@@ -402,7 +388,7 @@ def test_resuming_after_sigint_ends_with_the_parameters_of_an_uninterrupted_run(
     _, _, run_dir = interrupted["SIGINT"]
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
     train_module.main(run_args(tiny_beton, os.path.dirname(run_dir), "sigint", f"--training.resume={checkpoint}"))
-    assert_same_parameters(run_dir, uninterrupted)
+    assert_same_final_parameters(run_dir, uninterrupted)
 
 
 def test_sigkill_leaves_the_last_checkpoint_loadable_and_resume_ends_like_an_uninterrupted_run(
@@ -416,7 +402,7 @@ def test_sigkill_leaves_the_last_checkpoint_loadable_and_resume_ends_like_an_uni
         with open(os.path.join(run_dir, name), "wb") as f:
             f.write(b"half a checkpoint")
     train_module.main(run_args(tiny_beton, os.path.dirname(run_dir), "sigkill", "--training.resume=auto"))
-    assert_same_parameters(run_dir, uninterrupted)
+    assert_same_final_parameters(run_dir, uninterrupted)
     assert not [name for name in os.listdir(run_dir) if ".tmp" in name]  # and the resumed run removed them
 
 

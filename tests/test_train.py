@@ -13,24 +13,12 @@ from hjepa import train as train_module
 from hjepa.checkpoint import load_checkpoint
 from hjepa.errors import UserError
 from hjepa.runlog import read_metrics
+from tiny_training import REPO, TINY, assert_same_parameters
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A model small enough that a step takes milliseconds on one CPU core: 32 px, 8x8 patches of 4 px.
-TINY = ["--data.image_size=32", "--data.batch_size=16", "--data.num_workers=1", "--model.arch=vit_micro",
-        "--model.patch_size=4", "--model.predictor_embed_dim=48", "--model.predictor_depth=1",
-        "--model.predictor_num_heads=2", "--masking.min_keep=4", "--hardware.device=cpu",
-        "--hardware.num_threads=1", "--logging.progress=0", "--optim.warmup_epochs=1"]
 
 
 def tiny_args(beton, folder, *extra):
     return [f"--data.train_dataset={beton}", f"--logging.folder={folder}", *TINY, *extra]
-
-
-def final_parameters(run_dir):
-    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
-    return {f"{part}.{k}": v for part in ("context_encoder", "target_encoder", "predictor")
-            for k, v in ckpt[part].items()}
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +72,7 @@ def test_stopped_and_resumed_run_ends_with_identical_parameters(finished_run, ti
     train_module.main(common + ["--training.max_steps=3"])  # stops mid-epoch 0
     assert load_checkpoint(os.path.join(tmp_path, "parts", "checkpoint.pt"))["step"] == 3
     run_dir = train_module.main(common + ["--training.resume=auto"])
-    expected, got = final_parameters(finished_run), final_parameters(run_dir)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    assert_same_parameters(run_dir, finished_run)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_beton, tmp_path, monkeypatch):
