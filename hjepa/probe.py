@@ -83,15 +83,6 @@ def state_dict_digest(state_dict):
     return digest.hexdigest()
 
 
-def file_digest(path, chunk_bytes=1 << 24):
-    """sha256 of a file's bytes (for betons whose manifest carries no checksum)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def feature_cache_path(cache_dir, key, *, name):
     """`<cache_dir>/<name>-<hash of key>.pt`; `key` is a JSON-able dict of everything the features depend on.
 

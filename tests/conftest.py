@@ -12,21 +12,17 @@ import types
 import pytest
 
 from hjepa.beton import combine_betons, write_beton
+from hjepa.sources import imagenet100_class_list
 from hjepa.synthetic import make_images, make_imagenet_tree
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def imagenet100_wnids():
-    with open(os.path.join(REPO_ROOT, "hjepa", "imagenet100_classes.txt")) as f:
-        return f.read().split()
 
 
 @pytest.fixture(scope="session")
 def tiny_imagenet_tree(tmp_path_factory):
     """Namespace: root (val/<wnid>/ layout), flat_root (val/*.JPEG + LOC_val_solution.csv), wnids
     (the ImageNet-100 wnids present, in list order), decoy_wnids, train_per_class, val_per_class."""
-    all_wnids = imagenet100_wnids()
+    all_wnids = imagenet100_class_list()
     # Positions 0, 7 and 99 of the list: labels must be list positions, not folder order.
     wnids = [all_wnids[0], all_wnids[7], all_wnids[99]]
     decoy_wnids = ["n01440764", "n15075141"]  # ImageNet-1k classes not in ImageNet-100

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, imagenet100_wnids
+from conftest import REPO_ROOT
+from hjepa.sources import imagenet100_class_list
 from hjepa.beton import file_checksum, manifest_path, read_manifest, write_beton
 from hjepa.errors import UserError
 from hjepa.synthetic import make_images, make_imagenet_tree
@@ -225,9 +226,9 @@ def test_imagenet_train_keeps_the_100_classes_labelled_by_list_position(tiny_ima
     out = str(tmp_path / "train.beton")
     manifest = run_cli("imagenet100", f"--cfg.data_dir={tree.root}", f"--cfg.write_path={out}",
                        "--cfg.allow_missing_classes=1", "--cfg.num_workers=1")
-    positions = [imagenet100_wnids().index(w) for w in tree.wnids]
+    positions = [imagenet100_class_list().index(w) for w in tree.wnids]
     assert read_beton(out)[1].tolist() == [p for p in positions for _ in range(tree.train_per_class)]
-    assert manifest["class_names"] == imagenet100_wnids()
+    assert manifest["class_names"] == imagenet100_class_list()
     assert sum(manifest["per_class_counts"].values()) == 3 * tree.train_per_class
     assert "97 of the 100 ImageNet-100 classes are missing" in capsys.readouterr().err
     assert json.load(open(out + ".params.json"))["cfg"]["split"] == "train"
@@ -243,7 +244,7 @@ def test_imagenet_val_reads_both_official_layouts(layout, tiny_imagenet_tree, tm
     counts = {w: n for w, n in manifest["per_class_counts"].items() if n}
     assert counts == {w: tree.val_per_class for w in tree.wnids}
     images, labels, _ = read_beton(out)
-    assert sorted(labels.tolist()) == sorted(imagenet100_wnids().index(w) for w in tree.wnids for _ in range(2))
+    assert sorted(labels.tolist()) == sorted(imagenet100_class_list().index(w) for w in tree.wnids for _ in range(2))
 
 
 def test_missing_imagenet_classes_exit_1_listing_them(tiny_imagenet_tree, tmp_path):
@@ -251,14 +252,14 @@ def test_missing_imagenet_classes_exit_1_listing_them(tiny_imagenet_tree, tmp_pa
     result = subprocess.run([PYTHON, "write_datasets/imagenet100.py", f"--cfg.data_dir={tiny_imagenet_tree.root}",
                              f"--cfg.write_path={out}"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    missing = [w for w in imagenet100_wnids() if w not in tiny_imagenet_tree.wnids]
+    missing = [w for w in imagenet100_class_list() if w not in tiny_imagenet_tree.wnids]
     assert "97 of the 100" in result.stderr and all(w in result.stderr for w in missing)
     assert "Traceback" not in result.stderr
     assert not out.exists()
 
 
 def test_prefiltered_imagenet100_tree_needs_no_flag(tmp_path):
-    make_imagenet_tree(str(tmp_path / "in100"), wnids=imagenet100_wnids(), train_per_class=1, val_per_class=0,
+    make_imagenet_tree(str(tmp_path / "in100"), wnids=imagenet100_class_list(), train_per_class=1, val_per_class=0,
                        size=(24, 16))
     out = str(tmp_path / "train.beton")
     manifest = run_cli("imagenet100", f"--cfg.data_dir={tmp_path / 'in100'}", f"--cfg.write_path={out}")
@@ -267,7 +268,7 @@ def test_prefiltered_imagenet100_tree_needs_no_flag(tmp_path):
 
 
 def test_subset_spreads_over_all_classes(tmp_path):
-    make_imagenet_tree(str(tmp_path / "in100"), wnids=imagenet100_wnids(), train_per_class=2, val_per_class=0,
+    make_imagenet_tree(str(tmp_path / "in100"), wnids=imagenet100_class_list(), train_per_class=2, val_per_class=0,
                        size=(16, 16))
     manifest = run_cli("imagenet100", f"--cfg.data_dir={tmp_path / 'in100'}", "--cfg.subset=100",
                        f"--cfg.write_path={tmp_path / 'sub.beton'}")

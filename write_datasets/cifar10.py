@@ -22,7 +22,7 @@ def main(argv=None):
     if cfg["cfg.download"]:
         download("cifar10", cfg["cfg.data_dir"])
     samples, class_names = cifar_samples(cfg["cfg.data_dir"], cfg["cfg.split"], variant="cifar10")
-    return write_split(cfg, samples, dataset="cifar10", class_names=class_names, source=cfg["cfg.data_dir"])
+    return write_split(cfg, samples, dataset="cifar10", class_names=class_names)
 
 
 if __name__ == "__main__":

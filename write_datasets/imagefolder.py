@@ -21,7 +21,7 @@ def main(argv=None):
     cfg = writer_config(__doc__, argv)
     samples, class_names = image_folder_samples(cfg["cfg.data_dir"], cfg["cfg.split"])
     dataset = os.path.basename(os.path.normpath(os.path.abspath(cfg["cfg.data_dir"])))
-    return write_split(cfg, samples, dataset=dataset, class_names=class_names, source=cfg["cfg.data_dir"])
+    return write_split(cfg, samples, dataset=dataset, class_names=class_names)
 
 
 if __name__ == "__main__":

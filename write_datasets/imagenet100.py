@@ -25,7 +25,7 @@ def main(argv=None):
         allow_missing_classes=cfg["cfg.allow_missing_classes"])
     print(f"{len(info['present'])} of 100 classes present; {len(info['dropped_classes'])} other classes "
           "dropped", flush=True)
-    return write_split(cfg, samples, dataset="imagenet100", class_names=class_names, source=cfg["cfg.data_dir"])
+    return write_split(cfg, samples, dataset="imagenet100", class_names=class_names)
 
 
 if __name__ == "__main__":

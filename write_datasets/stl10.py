@@ -22,7 +22,7 @@ def main(argv=None):
     if cfg["cfg.download"]:
         download("stl10", cfg["cfg.data_dir"])
     samples, class_names = stl10_samples(cfg["cfg.data_dir"], cfg["cfg.split"])
-    return write_split(cfg, samples, dataset="stl10", class_names=class_names, source=cfg["cfg.data_dir"])
+    return write_split(cfg, samples, dataset="stl10", class_names=class_names)
 
 
 if __name__ == "__main__":

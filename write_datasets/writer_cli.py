@@ -29,9 +29,10 @@ def evenly_spaced(samples, subset):
     return [samples[i * len(samples) // subset] for i in range(subset)]
 
 
-def write_split(cfg, samples, *, dataset, class_names, source):
-    """Write `samples` with the writer params of `cfg`; save the config as <write_path>.params.json."""
-    split, write_path = cfg["cfg.split"], cfg["cfg.write_path"]
+def write_split(cfg, samples, *, dataset, class_names):
+    """Write `samples` (read from cfg.data_dir) with the writer params of `cfg`; save the config as
+    <write_path>.params.json."""
+    split, write_path, source = cfg["cfg.split"], cfg["cfg.write_path"], cfg["cfg.data_dir"]
     samples = evenly_spaced(samples, cfg["cfg.subset"])
     print(f"{dataset} {split}: {len(samples)} images in {len(class_names)} classes from {source}", flush=True)
     manifest = write_beton(
