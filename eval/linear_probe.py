@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run by path: make the repository root importabl
 import torch
 
 from hjepa import probe
-from hjepa.beton import file_checksum, read_manifest
+from hjepa.beton import read_manifest
 from hjepa.checkpoint import load_checkpoint, load_state_strict
 from hjepa.config import config_as_dict, config_from_cli, format_config
 from hjepa.errors import UserError, exit_on_user_error
@@ -71,8 +71,7 @@ def build_frozen_encoder(cfg, ckpt, model_config, image_size):
 
 def dataset_identity(beton_path, manifest):
     """What the cached features depend on in the data: the beton's bytes (checksum from its manifest)."""
-    checksum = manifest.get("checksum", {}).get("hex") or file_checksum(beton_path)  # what the writer's manifest records
-    return {"checksum": checksum, "num_samples": manifest["num_samples"]}
+    return {"checksum": manifest["checksum"]["hex"], "num_samples": manifest["num_samples"]}
 
 
 def features_for(cfg, beton_path, manifest, encoder, *, encoder_key, cache_dir, image_size, device, dtype):

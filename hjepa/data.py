@@ -81,8 +81,7 @@ class JepaLoader:
 
     def _run_epoch(self, epoch, start_batch):
         self.close()
-        order = np.asarray(self.loader.traversal_order.sample_order(epoch))
-        order = order[:len(self) * self.batch_size][start_batch * self.batch_size:]
+        order = self.epoch_indices(epoch)[start_batch * self.batch_size:]
         for op in self.seeded_ops:
             op.cell.set(epoch, start_batch)
         # What Loader.__iter__ does, minus its epoch counter and with our slice of the order.

@@ -45,20 +45,22 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
     feature_chunks, label_chunks = [], []
     bar = tqdm(total=_num_samples(loader), desc="extract", unit="img", disable=not progress,
                dynamic_ncols=True)
-    for images, labels, _dataset_idx in loader:
-        x = normalize_images(images, device, torch.float32)  # (B, 3, H, W)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
-            if last_k_blocks == 1:
-                pooled = encoder.forward_features(x).mean(dim=1)  # (B, N, D) -> (B, D)
-            else:
-                block_outputs = encoder.forward_blocks(x)[-last_k_blocks:]  # k x (B, N, D)
-                pooled = torch.cat([encoder.norm(out).mean(dim=1) for out in block_outputs], dim=1)  # (B, k*D)
-        feature_chunks.append(pooled.float().cpu())
-        # A copy: FFCV reuses its output buffers, so a kept batch tensor is overwritten by later ones.
-        label_chunks.append(labels.to(torch.int64, copy=True).cpu())
-        bar.update(len(labels))
-    bar.close()
-    encoder.train(was_training)
+    try:
+        for images, labels, _dataset_idx in loader:
+            x = normalize_images(images, device, torch.float32)  # (B, 3, H, W)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
+                if last_k_blocks == 1:
+                    pooled = encoder.forward_features(x).mean(dim=1)  # (B, N, D) -> (B, D)
+                else:
+                    block_outputs = encoder.forward_blocks(x)[-last_k_blocks:]  # k x (B, N, D)
+                    pooled = torch.cat([encoder.norm(out).mean(dim=1) for out in block_outputs], dim=1)  # (B, k*D)
+            feature_chunks.append(pooled.float().cpu())
+            # A copy: FFCV reuses its output buffers, so a kept batch tensor is overwritten by later ones.
+            label_chunks.append(labels.to(torch.int64, copy=True).cpu())
+            bar.update(len(labels))
+    finally:  # the caller's encoder goes back to its mode even when extraction fails
+        bar.close()
+        encoder.train(was_training)
     return torch.cat(feature_chunks), torch.cat(label_chunks)
 
 
@@ -249,16 +251,10 @@ def knn_top1(train_feats, train_labels, val_feats, val_labels, *, k=20, temperat
 def knn_monitor(encoder, bank_loader, query_loader, *, device, dtype, k=20, temperature=0.07):
     """k-NN top-1 (percent) of `encoder` during training: bank from one eval loader, queries from another.
 
-    The encoder is put in eval mode for the extraction and given back in the mode it was in.
+    extract_features runs the encoder in eval mode and gives it back in the mode it was in.
     """
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        bank_feats, bank_labels = extract_features(encoder, bank_loader, device=device, dtype=dtype, progress=False)
-        query_feats, query_labels = extract_features(encoder, query_loader, device=device, dtype=dtype,
-                                                     progress=False)
-    finally:
-        encoder.train(was_training)
+    bank_feats, bank_labels = extract_features(encoder, bank_loader, device=device, dtype=dtype, progress=False)
+    query_feats, query_labels = extract_features(encoder, query_loader, device=device, dtype=dtype, progress=False)
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return knn_top1(bank_feats, bank_labels, query_feats, query_labels, k=k, temperature=temperature,
                     num_classes=num_classes, device=device)

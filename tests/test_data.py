@@ -102,7 +102,9 @@ def test_crops_vary_between_copies_of_one_image(gradient_loaders):
 
 def test_same_seed_and_epoch_give_identical_batches_with_any_thread_count(gradient_loaders):
     first, second = gradient_loaders
-    for a, b in zip(epoch_batches(first, 3), epoch_batches(second, 3)):
+    batches_a, batches_b = epoch_batches(first, 3), epoch_batches(second, 3)
+    assert len(batches_a) == len(batches_b) > 0
+    for a, b in zip(batches_a, batches_b):
         assert torch.equal(a[0], b[0])
 
 
@@ -196,3 +198,11 @@ def test_normalize_images_gives_imagenet_standardised_floats():
     x = data.normalize_images(images, "cpu", torch.bfloat16)
     assert x.dtype == torch.bfloat16 and x.shape == images.shape
     assert abs(float(x[0, 0].float().mean())) < 0.01
+    varied = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (varied.float() / 255 - mean) / std
+    torch.testing.assert_close(data.normalize_images(varied, "cpu", torch.float32), expected)
+    buffer = torch.empty(2, 3, 5, 5)
+    reused = data.normalize_images(varied, "cpu", torch.float32, out=buffer)
+    torch.testing.assert_close(reused, expected)
+    assert reused.data_ptr() == buffer.data_ptr()

@@ -34,7 +34,7 @@ def test_linear_probe_exceeds_90_percent_on_separable_classes():
     result = probe.train_linear_probe(*gaussian_blobs(10, 40, seed=1), *gaussian_blobs(10, 20, seed=2),
                                       **PROBE_KWARGS)
     assert result["top1"] > 90.0
-    assert result["top5"] >= result["top1"]
+    assert result["top5"] > 95.0
     assert result["top5_k"] == 5
 
 
