@@ -101,3 +101,29 @@ def restore_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """checkpoint.pt (always the latest) at every save, plus an epoch checkpoint every `every_epochs`
+    epochs of which the newest `keep` stay. `make_state(step=, epoch=)` builds what is saved. Only an
+    enabled checkpointer (rank 0) writes, and a step is written once."""
+
+    def __init__(self, run_dir, make_state, *, steps_per_epoch, every_epochs, keep, enabled, saved_step=None):
+        self.run_dir, self.make_state = run_dir, make_state
+        self.steps_per_epoch, self.every_epochs, self.keep = steps_per_epoch, every_epochs, keep
+        self.enabled, self.saved_step = enabled, saved_step
+
+    def save(self, step, epoch):
+        if not self.enabled or self.saved_step == step:
+            return
+        self.saved_step = step
+        state = self.make_state(step=step, epoch=epoch)
+        save_checkpoint(state, os.path.join(self.run_dir, "checkpoint.pt"))
+        epochs_done, mid_epoch = divmod(step, self.steps_per_epoch)
+        if not mid_epoch and epochs_done % self.every_epochs == 0:
+            save_checkpoint(state, epoch_checkpoint_path(self.run_dir, epochs_done))
+            prune_epoch_checkpoints(self.run_dir, self.keep)
+
+    def due(self, epoch, epochs):
+        """Whether the end of `epoch` (0-based) of `epochs` is a checkpoint point."""
+        return (epoch + 1) % self.every_epochs == 0 or epoch + 1 == epochs

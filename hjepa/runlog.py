@@ -66,3 +66,33 @@ class MetricsLog:
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class ThroughputMeter:
+    """Images/s and the fraction of wall time spent waiting for the loader, over a window of steps."""
+
+    def __init__(self, images_per_step, clock=time.perf_counter):
+        self.images_per_step, self.clock = images_per_step, clock
+        self.reset()
+
+    def reset(self):
+        self.start = self._asked = self.clock()
+        self.steps, self.data_wait = 0, 0.0
+
+    def asking(self):
+        """Call just before asking the loader for a batch."""
+        self._asked = self.clock()
+
+    def received(self):
+        """Call as the batch arrives."""
+        self.data_wait += self.clock() - self._asked
+
+    def step_done(self):
+        self.steps += 1
+
+    def read_and_reset(self):
+        """(images per second, data-wait fraction) since the last reset."""
+        elapsed = self.clock() - self.start
+        figures = self.steps * self.images_per_step / elapsed, min(1.0, self.data_wait / elapsed)
+        self.reset()
+        return figures

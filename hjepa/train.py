@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import sys
-import time
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run by path: `python hjepa/train.py` puts hjepa/ itself on sys.path
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +32,7 @@ from hjepa.plots import draw_run
 from hjepa.probe import knn_monitor
 from hjepa.parallel import (all_gather_tensor, all_reduce_sum, broadcast_object, cleanup_distributed,
                             init_distributed, parameter_checksum)
-from hjepa.runlog import MetricsLog, git_commit, make_run_dir, new_run_name
+from hjepa.runlog import MetricsLog, ThroughputMeter, git_commit, make_run_dir, new_run_name
 from hjepa.sampler import expected_counts_table
 
 
@@ -87,8 +87,100 @@ def build_monitor_loaders(cfg, train_loader, build=True):
             build_eval_loader(cfg["data.val_dataset"], **common))
 
 
-class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived: save a checkpoint at the current step and exit cleanly."""
+@exit_on_user_error
+def main(argv=None):
+    cfg = config_from_cli(__doc__, argv)
+    info, device = init_distributed(cfg["hardware.distributed"], cfg["hardware.device"])
+    try:
+        return run(cfg, info, device)
+    finally:
+        cleanup_distributed(info)
+
+
+def run(cfg, info, device):
+    """Set up, then train epoch by epoch; returns the run folder. A signal saves and returns early."""
+    set_up_torch(cfg, info, device)
+    say = print if info.is_main else (lambda *a, **k: None)
+    loop, checkpointer, monitor_loaders = build_training(cfg, info, device, say)
+    try:
+        with loop.stop:  # from here on SIGINT/SIGTERM only ask the loop to stop at a step boundary
+            for epoch in range(loop.step // len(loop.loader), cfg["training.epochs"]):
+                if loop.step >= loop.stop_step:
+                    break
+                loop.train_one_epoch(epoch)
+                if loop.stop.signal is not None:
+                    break
+                end_of_epoch(loop, checkpointer, monitor_loaders, epoch)
+            step = loop.step
+            loop.check_finite(step)
+            checkpointer.save(step, step // len(loop.loader))
+            if loop.stop.signal is not None:
+                say(f"stopped by signal {loop.stop.signal} at step {step}; resume with "
+                    f"--training.resume={os.path.join(loop.run_dir, 'checkpoint.pt')}")
+                return loop.run_dir
+            if info.enabled:
+                log_parameter_checksums(loop.log, loop.model, step, info, device)
+            if info.is_main and cfg["logging.plots"]:
+                loop.log.close()
+                say("pictures: " + ", ".join(draw_run(loop.run_dir)))
+            say(f"done: {step} steps; checkpoint {os.path.join(loop.run_dir, 'checkpoint.pt')}")
+    finally:
+        for loader in (loop.loader, *(monitor_loaders or ())):
+            loader.close()
+        if loop.log:
+            loop.log.close()
+    return loop.run_dir
+
+
+def build_training(cfg, info, device, say):
+    """Loader, model, optimiser (restored when resuming) and run folder -> (EpochLoop, Checkpointer,
+    k-NN monitor loaders or None). Data comes first, so a bad path or mixture fails before any model
+    is built; the run folder comes last, so a failed start leaves none."""
+    if not cfg["data.train_dataset"]:
+        raise UserError("data.train_dataset is empty: pass --data.train_dataset=PATH.beton (see write_datasets/)")
+    run_dir = resolve_run_dir(cfg, info)
+    say(f"run folder: {run_dir}")
+    say(format_config(cfg, TRAIN_SECTIONS))
+
+    loader = build_loader(cfg, info)
+    steps_per_epoch, epochs = len(loader), cfg["training.epochs"]
+    total_steps = steps_per_epoch * epochs  # the schedules span this, whatever max_steps says
+    stop_step = min(total_steps, cfg["training.max_steps"]) if cfg["training.max_steps"] > 0 else total_steps
+    global_batch = cfg["data.batch_size"] * info.world_size
+    say(f"effective batch {global_batch} = {cfg['data.batch_size']} per process x {info.world_size} processes; "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps" + (f", stopping at {stop_step}" if stop_step < total_steps else ""))
+    counts_table = expected_counts_table(loader)
+    if counts_table:
+        say("expected samples per member per epoch:\n" + counts_table)
+    monitor_loaders = build_monitor_loaders(cfg, loader, build=info.is_main)
+
+    model = build_model(**model_kwargs(cfg)).to(device)
+    peak_lr = cfg["optim.lr"] * global_batch / 256  # lr is given per 256 images
+    optimizer = build_optimizer(model, lr=peak_lr, weight_decay=cfg["optim.weight_decay"],
+                                betas=(cfg["optim.beta1"], cfg["optim.beta2"]))
+    path = resume_path(cfg, run_dir)
+    start_step = restore_checkpoint(path, model, optimizer, steps_per_epoch) if path else 0
+    if path:
+        say(f"resumed from {path} at step {start_step}")
+
+    if info.is_main:
+        prepare_run_dir(cfg, run_dir)
+    masking = mask_kwargs(cfg)
+    loop = EpochLoop(
+        cfg=cfg, info=info, device=device, model=model, forward=wrap_for_training(model, cfg, info, device),
+        optimizer=optimizer, loader=loader, run_dir=run_dir, masking=masking, step=start_step,
+        stop_step=stop_step, global_batch=global_batch, amp_dtype=autocast_dtype(device, cfg["hardware.bf16"]),
+        log=MetricsLog(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None,
+        schedule_at=functools.partial(schedule_values, cfg=cfg, peak_lr=peak_lr, total_steps=total_steps,
+                                      warmup_steps=round(cfg["optim.warmup_epochs"] * steps_per_epoch)),
+        flops_per_image=train_flops_per_image(model.model_config, masking=masking,  # real (batch-min) token counts
+                                              num_patches=model.grid_size[0] * model.grid_size[1],
+                                              batch_size=cfg["data.batch_size"]))
+    checkpointer = ckpt_io.Checkpointer(
+        run_dir, functools.partial(training_state, model, optimizer, cfg, steps_per_epoch=steps_per_epoch),
+        steps_per_epoch=steps_per_epoch, every_epochs=cfg["training.checkpoint_every"],
+        keep=cfg["training.keep_checkpoints"], enabled=info.is_main, saved_step=start_step if path else None)
+    return loop, checkpointer, monitor_loaders
 
 
 def resolve_run_dir(cfg, info):
@@ -131,17 +223,7 @@ def restore_checkpoint(path, model, optimizer, steps_per_epoch):
     return state["step"]
 
 
-@exit_on_user_error
-def main(argv=None):
-    cfg = config_from_cli(__doc__, argv)
-    info, device = init_distributed(cfg["hardware.distributed"], cfg["hardware.device"])
-    try:
-        return run(cfg, info, device)
-    finally:
-        cleanup_distributed(info)
-
-
-def run(cfg, info, device):
+def set_up_torch(cfg, info, device):
     # Importing ffcv sets torch's threads to 1 (its Compiler couples them to numba's): set them here.
     torch.set_num_threads(cfg["hardware.num_threads"] or os.cpu_count() or 1)
     if cfg["training.deterministic"]:
@@ -150,172 +232,167 @@ def run(cfg, info, device):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg["training.seed"] + info.rank)
-    if not cfg["data.train_dataset"]:
-        raise UserError("data.train_dataset is empty: pass --data.train_dataset=PATH.beton (see write_datasets/)")
 
-    run_dir = resolve_run_dir(cfg, info)
-    say = print if info.is_main else (lambda *a, **k: None)
-    say(f"run folder: {run_dir}")
-    say(format_config(cfg, TRAIN_SECTIONS))
 
-    # Data first: a bad path or mixture fails before any model is built.
-    loader = build_loader(cfg, info)
-    steps_per_epoch = len(loader)
-    epochs, batch = cfg["training.epochs"], cfg["data.batch_size"]
-    total_steps = steps_per_epoch * epochs  # the schedules span this, whatever max_steps says
-    stop_step = min(total_steps, cfg["training.max_steps"]) if cfg["training.max_steps"] > 0 else total_steps
-    global_batch = batch * info.world_size
-    say(f"effective batch {global_batch} = {batch} per process x {info.world_size} processes; "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps" + (f", stopping at {stop_step}" if stop_step < total_steps else ""))
-    counts_table = expected_counts_table(loader)
-    if counts_table:
-        say("expected samples per member per epoch:\n" + counts_table)
-
-    monitor_loaders = build_monitor_loaders(cfg, loader, build=info.is_main)
-
-    model = build_model(**model_kwargs(cfg)).to(device)
-    grid = model.grid_size
-    peak_lr = cfg["optim.lr"] * global_batch / 256  # lr is given per 256 images
-    optimizer = build_optimizer(model, lr=peak_lr, weight_decay=cfg["optim.weight_decay"],
-                                betas=(cfg["optim.beta1"], cfg["optim.beta2"]))
-
-    path = resume_path(cfg, run_dir)
-    start_step = restore_checkpoint(path, model, optimizer, steps_per_epoch) if path else 0
-    if path:
-        say(f"resumed from {path} at step {start_step}")
-
+def wrap_for_training(model, cfg, info, device):
+    """What runs the forward: the model, its DDP wrapper, compiled when hardware.compile is set."""
     forward = model
     if info.enabled:
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["hardware.compile"]:
         forward = torch.compile(forward)
+    return forward
 
-    if info.is_main:
-        make_run_dir(*os.path.split(run_dir))
-        ckpt_io.remove_partial_checkpoints(run_dir)
-        save_config(cfg, os.path.join(run_dir, "params.json"))
-        with open(os.path.join(run_dir, "git_commit.txt"), "w") as f:
-            f.write(git_commit() + "\n")
-    log = MetricsLog(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None
 
-    schedule_at = functools.partial(schedule_values, cfg=cfg, peak_lr=peak_lr, total_steps=total_steps,
-                                    warmup_steps=round(cfg["optim.warmup_epochs"] * steps_per_epoch))
-    amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
-    masking = mask_kwargs(cfg)
-    tokens = grid[0] * grid[1]
-    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=tokens,
-                                            batch_size=batch)  # real token counts: context cut to the batch min
+def prepare_run_dir(cfg, run_dir):
+    make_run_dir(*os.path.split(run_dir))
+    ckpt_io.remove_partial_checkpoints(run_dir)
+    save_config(cfg, os.path.join(run_dir, "params.json"))
+    with open(os.path.join(run_dir, "git_commit.txt"), "w") as f:
+        f.write(git_commit() + "\n")
 
-    last_saved = {"step": start_step if path else None}
 
-    def save(step, epoch):
-        if not info.is_main or last_saved["step"] == step:
-            return
-        last_saved["step"] = step
-        state = training_state(model, optimizer, cfg, step=step, epoch=epoch, steps_per_epoch=steps_per_epoch)
-        latest = os.path.join(run_dir, "checkpoint.pt")
-        ckpt_io.save_checkpoint(state, latest)
-        if step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg["training.checkpoint_every"] == 0:
-            ckpt_io.save_checkpoint(state, ckpt_io.epoch_checkpoint_path(run_dir, step // steps_per_epoch))
-            ckpt_io.prune_epoch_checkpoints(run_dir, cfg["training.keep_checkpoints"])
+class StopSignal:
+    """SIGINT/SIGTERM handlers (installed inside `with`) that only record the signal; the loop stops at
+    a step boundary. Under DDP ranks agree at log steps (an all-reduce), so a signal that reaches ranks
+    at different steps never leaves one rank waiting in the next all-reduce."""
 
-    stop = {"signal": None}
+    def __init__(self, info, device):
+        self.info, self.device = info, device
+        self.signal = None
+        self._old_handlers = {}
 
-    def request_stop(signum, _frame):
-        stop["signal"] = signum
+    def __enter__(self):
+        self._old_handlers = {s: signal.signal(s, self._record) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    step = start_step
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    try:
-        start_epoch = start_step // steps_per_epoch
-        for epoch in range(start_epoch, epochs):
-            if step >= stop_step:
-                break
-            skip = step - epoch * steps_per_epoch
-            member_counts = None
-            bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
-                       disable=not (info.is_main and cfg["logging.progress"]), dynamic_ncols=True)
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            t_fetch = time.perf_counter()
-            for images, labels, dataset_idx in loader.epoch(epoch, start_batch=skip):
-                data_wait += time.perf_counter() - t_fetch
-                counts = torch.bincount(dataset_idx, minlength=1)
-                member_counts = counts if member_counts is None else _add_counts(member_counts, counts)
-                masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=cfg["training.seed"],
-                                     step=step, rank=info.rank, **masking)
-                if step == 0 and info.is_main:
-                    save_mask_examples(run_dir, images, masks, grid)
-                x = normalize_images(images, device, amp_dtype or torch.float32)  # (B, 3, H, W)
-                out = train_step(model, forward, optimizer, x, masks_to_device(masks, device),
-                                 **schedule_at(step), amp_dtype=amp_dtype, clip_grad=cfg["optim.clip_grad"])
-                nonfinite |= ~torch.isfinite(out["loss"].detach())
-                step += 1
-                window_steps += 1
-                bar.update(1)
-                if step % cfg["logging.log_every"] == 0 or step == stop_step:
-                    _check_finite(nonfinite, step, run_dir)  # a device sync point, like reading the loss below
-                    elapsed = time.perf_counter() - window_start
-                    record = _metrics_record(out, step, epoch, schedule_at(step - 1),
-                                             images_per_s=window_steps * global_batch / elapsed,
-                                             data_wait=data_wait / elapsed, flops_per_image=flops_per_image,
-                                             peak_tflops=cfg["hardware.peak_tflops"])
-                    if log:
-                        log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                if stop_agreed(stop, step, cfg["logging.log_every"], info, device) or step >= stop_step:
-                    break
-                t_fetch = time.perf_counter()
-            bar.close()
-            if stop["signal"] is not None:
-                raise StopRequested()
-            if member_counts is not None and skip == 0 and step % steps_per_epoch == 0:
-                member_counts = all_reduce_sum(member_counts.to(device), info).cpu()
-                if log:
-                    record = {"epoch": epoch, "step": step, "member_counts": member_counts.tolist()}
-                    if loader.members:
-                        record["member_names"] = [name for name, _ in loader.members]
-                        record["expected_counts"] = [int(c) for c in loader.epoch_counts]
-                    log.write(record)
-            if info.enabled and skip == 0 and step % steps_per_epoch == 0:
-                log_rank_overlap(log, loader, epoch, info, device)
-            if monitor_loaders and step % steps_per_epoch == 0 and (epoch + 1) % cfg["logging.eval_every"] == 0:
-                knn = knn_monitor(model.target_encoder, *monitor_loaders, device=device,
-                                  dtype=amp_dtype or torch.float32)
-                log.write({"epoch": epoch, "step": step, "knn_top1": knn})
-                say(f"epoch {epoch}: k-NN top-1 {knn:.2f}% (target encoder)")
-            if step % steps_per_epoch == 0 and ((epoch + 1) % cfg["training.checkpoint_every"] == 0
-                                                or epoch + 1 == epochs):
-                _check_finite(nonfinite, step, run_dir)
-                save(step, epoch + 1)
-        _check_finite(nonfinite, step, run_dir)
-        save(step, step // steps_per_epoch)
-        if info.enabled:  # DDP keeps ranks in lockstep; a mismatch here means a bug, so log it loudly
-            sums = [float(x) for x in all_gather_tensor(parameter_checksum(model).to(device), info)]
-            if log:
-                log.write({"step": step, "param_checksums": sums})
-            if len(set(sums)) > 1:
-                print(f"warning: parameters differ across ranks: {sums}", file=sys.stderr)
-        if info.is_main and cfg["logging.plots"]:
-            log.close()
-            say("pictures: " + ", ".join(draw_run(run_dir)))
-        say(f"done: {step} steps; checkpoint {os.path.join(run_dir, 'checkpoint.pt')}")
-    except StopRequested:
-        _check_finite(nonfinite, step, run_dir)
-        save(step, step // steps_per_epoch)
-        say(f"stopped by signal {stop['signal']} at step {step}; resume with "
-            f"--training.resume={os.path.join(run_dir, 'checkpoint.pt')}")
-    finally:
-        for s, handler in old_handlers.items():
+    def __exit__(self, *exc):
+        for s, handler in self._old_handlers.items():
             signal.signal(s, handler)
-        loader.close()
-        for monitor_loader in monitor_loaders or ():
-            monitor_loader.close()
+
+    def _record(self, signum, _frame):
+        self.signal = signum
+
+    def agreed(self, step, log_every):
+        """Whether to stop now (every rank gets the same answer)."""
+        if not self.info.enabled:
+            return self.signal is not None
+        if step % log_every:
+            return False
+        flag = torch.tensor([0.0 if self.signal is None else 1.0], device=self.device)
+        if all_reduce_sum(flag, self.info).item() > 0:
+            self.signal = self.signal or "a peer rank's signal"
+            return True
+        return False
+
+
+@dataclass
+class EpochLoop:
+    """What every training step needs, and the loop over one epoch's batches."""
+    cfg: dict
+    info: object
+    device: torch.device
+    model: torch.nn.Module
+    forward: object
+    optimizer: torch.optim.Optimizer
+    loader: object
+    log: object
+    run_dir: str
+    masking: dict
+    step: int  # the global step: batches trained so far, over all epochs
+    stop_step: int
+    global_batch: int
+    amp_dtype: object
+    schedule_at: object
+    flops_per_image: float
+    member_counts: torch.Tensor = None  # samples per member seen this epoch (dataset_idx bincount)
+    epoch_start_batch: int = 0          # > 0 when this process resumed the epoch mid-way
+    stop: StopSignal = None
+    nonfinite: torch.Tensor = None
+
+    def __post_init__(self):
+        self.stop = StopSignal(self.info, self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # read only at log steps
+
+    def train_one_epoch(self, epoch):
+        """Train from self.step to the end of `epoch`, or to the stop step, or until a stop signal."""
+        cfg, steps_per_epoch, step = self.cfg, len(self.loader), self.step
+        skip = self.epoch_start_batch = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        self.member_counts = None
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", unit="step",
+                   disable=not (self.info.is_main and cfg["logging.progress"]), dynamic_ncols=True)
+        meter = ThroughputMeter(self.global_batch)
+        for images, labels, dataset_idx in self.loader.epoch(epoch, start_batch=skip):
+            meter.received()
+            counts = torch.bincount(dataset_idx, minlength=1)
+            self.member_counts = counts if self.member_counts is None else _add_counts(self.member_counts, counts)
+            masks = sample_masks(batch_size=images.shape[0], grid_size=self.model.grid_size,
+                                 seed=cfg["training.seed"], step=step, rank=self.info.rank, **self.masking)
+            if step == 0 and self.info.is_main:
+                save_mask_examples(self.run_dir, images, masks, self.model.grid_size)
+            x = normalize_images(images, self.device, self.amp_dtype or torch.float32)  # (B, 3, H, W)
+            out = train_step(self.model, self.forward, self.optimizer, x, masks_to_device(masks, self.device),
+                             **self.schedule_at(step), amp_dtype=self.amp_dtype, clip_grad=cfg["optim.clip_grad"])
+            self.nonfinite |= ~torch.isfinite(out["loss"].detach())
+            step = self.step = step + 1
+            meter.step_done()
+            bar.update(1)
+            if step % cfg["logging.log_every"] == 0 or step == self.stop_step:
+                self.log_step(out, step, epoch, meter, bar)
+            if self.stop.agreed(step, cfg["logging.log_every"]) or step >= self.stop_step:
+                break
+            meter.asking()
+        bar.close()
+
+    def log_step(self, out, step, epoch, meter, bar):
+        self.check_finite(step)  # a device sync point, like reading the loss below
+        images_per_s, data_wait = meter.read_and_reset()
+        record = _metrics_record(out, step, epoch, self.schedule_at(step - 1), images_per_s=images_per_s,
+                                 data_wait=data_wait, flops_per_image=self.flops_per_image,
+                                 peak_tflops=self.cfg["hardware.peak_tflops"])
+        if self.log:
+            self.log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+
+    def check_finite(self, step):
+        if bool(self.nonfinite):
+            raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good checkpoint stays in {self.run_dir}")
+
+
+def end_of_epoch(loop, checkpointer, monitor_loaders, epoch):
+    """After an epoch's batches: member counts and rank overlap (whole epochs only), the k-NN monitor,
+    and the epoch checkpoint. Nothing here runs when the epoch stopped early (max_steps)."""
+    step, log, info = loop.step, loop.log, loop.info
+    if step % len(loop.loader):
+        return
+    if loop.epoch_start_batch == 0 and loop.member_counts is not None:  # the whole epoch ran in this process
+        member_counts = all_reduce_sum(loop.member_counts.to(loop.device), info).cpu()
         if log:
-            log.close()
-    return run_dir
+            record = {"epoch": epoch, "step": step, "member_counts": member_counts.tolist()}
+            if loop.loader.members:
+                record["member_names"] = [name for name, _ in loop.loader.members]
+                record["expected_counts"] = [int(c) for c in loop.loader.epoch_counts]
+            log.write(record)
+        if info.enabled:
+            log_rank_overlap(log, loop.loader, epoch, info, loop.device)
+    if monitor_loaders and (epoch + 1) % loop.cfg["logging.eval_every"] == 0:
+        knn = knn_monitor(loop.model.target_encoder, *monitor_loaders, device=loop.device,
+                          dtype=loop.amp_dtype or torch.float32)
+        log.write({"epoch": epoch, "step": step, "knn_top1": knn})
+        print(f"epoch {epoch}: k-NN top-1 {knn:.2f}% (target encoder)")
+    if checkpointer.due(epoch, loop.cfg["training.epochs"]):
+        loop.check_finite(step)
+        checkpointer.save(step, epoch + 1)
+
+
+def log_parameter_checksums(log, model, step, info, device):
+    """DDP keeps ranks in lockstep; a mismatch here means a bug, so log it loudly."""
+    sums = [float(x) for x in all_gather_tensor(parameter_checksum(model).to(device), info)]
+    if log:
+        log.write({"step": step, "param_checksums": sums})
+    if len(set(sums)) > 1:
+        print(f"warning: parameters differ across ranks: {sums}", file=sys.stderr)
 
 
 def schedule_values(step, *, cfg, peak_lr, total_steps, warmup_steps):
@@ -342,20 +419,6 @@ def training_state(model, optimizer, cfg, *, step, epoch, steps_per_epoch):
     return state
 
 
-def stop_agreed(stop, step, log_every, info, device):
-    """Whether to stop for a signal now. Under DDP ranks agree at log steps (an all-reduce), so a
-    signal that reaches ranks at different steps never leaves one rank waiting in the next all-reduce."""
-    if not info.enabled:
-        return stop["signal"] is not None
-    if step % log_every:
-        return False
-    flag = torch.tensor([0.0 if stop["signal"] is None else 1.0], device=device)
-    if all_reduce_sum(flag, info).item() > 0:
-        stop["signal"] = stop["signal"] or "a peer rank's signal"
-        return True
-    return False
-
-
 def save_mask_examples(run_dir, images, masks, grid, count=8):
     """A few first-step images with their masks, for the masks.png picture (hjepa.plots)."""
     n = min(count, images.shape[0])
@@ -376,11 +439,6 @@ def log_rank_overlap(log, loader, epoch, info, device):
 def _add_counts(a, b):
     n = max(len(a), len(b))
     return torch.nn.functional.pad(a, (0, n - len(a))) + torch.nn.functional.pad(b, (0, n - len(b)))
-
-
-def _check_finite(nonfinite, step, run_dir):
-    if bool(nonfinite):
-        raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good checkpoint stays in {run_dir}")
 
 
 def _metrics_record(out, step, epoch, schedule, *, images_per_s, data_wait, flops_per_image, peak_tflops):
