@@ -260,7 +260,7 @@ def run(cfg, info, device):
                     record = _metrics_record(out, step, epoch, schedule_at(step - 1),
                                              images_per_s=window_steps * global_batch / elapsed,
                                              data_wait=data_wait / elapsed, flops_per_image=flops_per_image,
-                                             peak_tflops=cfg["hardware.peak_tflops"])
+                                             peak_tflops=cfg["hardware.peak_tflops"], num_devices=info.world_size)
                     if log:
                         log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
@@ -383,15 +383,17 @@ def _check_finite(nonfinite, step, run_dir):
         raise UserError(f"loss became NaN/Inf by step {step}; stopped, the last good checkpoint stays in {run_dir}")
 
 
-def _metrics_record(out, step, epoch, schedule, *, images_per_s, data_wait, flops_per_image, peak_tflops):
-    """One metrics.jsonl line; `schedule` is what the step that produced `out` ran with."""
+def _metrics_record(out, step, epoch, schedule, *, images_per_s, data_wait, flops_per_image, peak_tflops,
+                    num_devices=1):
+    """One metrics.jsonl line; `schedule` is what the step that produced `out` ran with. images_per_s
+    counts all processes; mfu is per device (each process drives one)."""
     return {"step": step, "epoch": epoch, "lr": schedule["lr"], "wd": schedule["weight_decay"],
             "momentum": schedule["momentum"], "loss": float(out["loss"].detach()),
             "level_losses": [float(x) for x in out["level_losses"]],
             "target_std": float(out["target_std"]), "pred_std": float(out["pred_std"]),
             "grad_norm": float(out["grad_norm"]), "images_per_s": images_per_s,
             "data_wait_fraction": min(1.0, data_wait),
-            "mfu": mfu(images_per_s, flops_per_image, peak_tflops) if peak_tflops > 0 else math.nan}
+            "mfu": mfu(images_per_s, flops_per_image, peak_tflops, num_devices) if peak_tflops > 0 else math.nan}
 
 
 if __name__ == "__main__":
