@@ -2,9 +2,10 @@
 
 Batches are `(images, labels, dataset_idx)`: images uint8 (B, 3, H, W) (channels_last memory) on the
 CPU, labels and dataset_idx int64 (B,); dataset_idx is all zeros for a single-dataset beton. They are
-views into FFCV's rotating buffers, valid until a few more batches have been drawn: use them at
-once (move to the device, normalise) or clone them. Normalisation runs on the training device, in the
-model's dtype (`normalize_images`).
+views into FFCV's rotating buffers, valid until the next batch is requested (see JepaLoader): use them
+at once (move to the device, normalise) or clone them. Normalisation runs on the training device, in
+the model's dtype (`normalize_images`), after a host-to-device copy that never reads FFCV's buffers
+once the batch is handed back (`images_to_device`).
 
 Reproducibility: the sample order is a pure function of (seed, epoch, rank, world size) (hjepa.sampler)
 and every random augmentation is a hash of (seed, rank, epoch, batch, position) (hjepa.ops), so the
@@ -15,6 +16,7 @@ import contextlib
 import functools
 import os
 import queue
+import sys
 
 import numpy as np
 import torch
@@ -41,8 +43,15 @@ class JepaLoader:
     """An FFCV Loader with explicit epochs, resumable mid-epoch, that never leaks its worker thread.
 
     `epoch(e, start_batch=k)` iterates epoch e from batch k; plain iteration runs `next_epoch` and
-    advances it (`set_epoch(e, start_batch=k)` chooses it). `close()` (or leaving a `with` block, or dropping an iterator) stops the background
-    thread: FFCV 1.0.2's EpochIterator otherwise stays alive when abandoned (upstream #345, #393).
+    advances it (`set_epoch(e, start_batch=k)` chooses it). `close()` (or leaving a `with` block, or
+    dropping an iterator) stops the background thread: FFCV 1.0.2's EpochIterator otherwise stays alive
+    when abandoned (upstream #345, #393).
+
+    A batch is valid until the next one is requested. FFCV's EpochIterator decodes into a ring of
+    batches_ahead + 2 output slots and queues at most batches_ahead decoded batches: with one batch in
+    the consumer's hands, batches_ahead in the queue and one being decoded, every slot is taken, so the
+    thread cannot write into the held batch's slot before the consumer asks for the next batch (and
+    this class draws nothing ahead of what its consumer asks for).
     """
 
     def __init__(self, loader, *, seeded_ops, has_dataset_idx, members=None, epoch_counts=None):
@@ -146,7 +155,8 @@ def _stop_epoch_iterator(iterator):
 
 def _inspect_beton(path):
     """Field names and sample count of the beton at `path`; UserError if it is missing, not a beton with
-    image and label, cut short, or disagrees with its manifest."""
+    image and label, cut short, or disagrees with its manifest. A beton without a manifest is read
+    after a one-line warning."""
     path = os.fspath(path)
     if not path:
         raise UserError("no beton path given (data.train_dataset / data.val_dataset)")
@@ -155,6 +165,9 @@ def _inspect_beton(path):
     num_samples = beton_num_samples(path)  # UserError if the header is not a beton's
     if os.path.isfile(manifest_path(path)):
         read_manifest(path)  # UserError if size or sample count disagree with what the writer recorded
+    else:  # e.g. a beton written by FFCV elsewhere: readable, but nothing to check it against
+        print(f"warning: {path} has no manifest ({manifest_path(path)}); its size and sample count "
+              f"go unchecked", file=sys.stderr)
     try:
         reader = Reader(path)  # a cut inside the data region fails here with an obscure ValueError
     except ValueError as e:
@@ -323,6 +336,32 @@ def _normalisation_constants(device):
     return (1.0 / (255 * std)).to(device), (-mean / std).to(device)
 
 
+def staging_copy(images, *, pin):
+    """A copy of `images` in memory torch owns (pinned when `pin`), with the same strides: channels_last
+    stays channels_last, so both this copy and the device copy after it are single memcpys."""
+    return torch.empty_like(images, pin_memory=pin).copy_(images)
+
+
+def images_to_device(images, device):
+    """A CPU batch on `device`, copied without a device sync and safe against FFCV reusing its buffer.
+
+    FFCV hands out views of output buffers that it pins when CUDA is available
+    (ffcv/pipeline/allocation_query.py) and that its thread overwrites once the next batch has been
+    requested. A non_blocking copy straight from such a view runs when the stream gets to it; with the
+    host steps ahead of the GPU that can be after FFCV wrote another batch there: a silently wrong
+    batch. (`pin_memory()` does not help: on an already pinned view it returns the same memory.) So on
+    CUDA the batch is first copied on the host into a block of torch's caching host allocator, which
+    records an event with the asynchronous copy and does not hand the block out again before that
+    event has passed: one host memcpy per batch, no device sync. (Pinned, because a copy from pageable
+    memory makes CUDA drain the stream first: a hidden sync each step.) Other devices copy synchronously
+    (on the CPU, `.to` returns the view itself: the caller's next operation must copy it).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and images.device.type == "cpu":
+        return staging_copy(images, pin=True).to(device, non_blocking=True)
+    return images.to(device)
+
+
 def normalize_images(images, device, dtype, out=None):
     """uint8 (B, 3, H, W) -> (images/255 - ImageNet mean) / std as `dtype` on `device`.
 
@@ -330,16 +369,13 @@ def normalize_images(images, device, dtype, out=None):
     then one cast to the model's dtype. `out` (float32, same shape, on `device`) is reused when
     given: on a CPU consumer a fresh 38 MB batch per step costs its page faults every time, which
     CUDA's caching allocator avoids by itself (measured: 33 -> 18 ms per 64x3x224x224 batch, 1 thread).
+    When it returns, `images` may be handed back to the loader (see images_to_device).
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_images takes uint8 images, got {images.dtype}")
     device = torch.device(device)
     scale, shift = _normalisation_constants(device)
-    if device.type == "cuda" and images.device.type == "cpu":
-        # A copy from pageable memory makes CUDA wait for the stream to drain first (a hidden sync
-        # each step); from pinned memory it is truly asynchronous. torch caches pinned blocks.
-        images = images.pin_memory()
-    images = images.to(device, non_blocking=True)
+    images = images_to_device(images, device)
     if out is not None and out.shape == images.shape:
         x = out.copy_(images)
     else:

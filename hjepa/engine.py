@@ -52,7 +52,9 @@ def train_step(model, forward, optimizer, images, masks, *, lr, weight_decay, mo
 
 def masks_to_device(masks, device):
     """Index tensors to the device without a sync: pinned first, since a copy from pageable (numpy)
-    memory makes CUDA drain the stream before it starts."""
+    memory makes CUDA drain the stream before it starts. The masks are fresh numpy arrays each step,
+    so `pin_memory()` copies them into a block of torch's caching host allocator, which is not handed
+    out again before the asynchronous copy has run: nothing can overwrite the source in flight."""
     def move(t):
         return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 

@@ -125,7 +125,8 @@ def train_flops_per_image(model_config, *, masking, num_patches, batch_size=None
                             num_targets=masking["num_targets"])
 
 
-def mfu(images_per_s, flops_per_image, peak_tflops):
-    """Model FLOP utilisation: achieved FLOP/s over the accelerators' peak (a fraction, 0..1).
-    peak_tflops is the total over all devices doing the work."""
-    return images_per_s * flops_per_image / (peak_tflops * 1e12)
+def mfu(images_per_s, flops_per_image, peak_tflops, num_devices=1):
+    """Model FLOP utilisation per device: achieved FLOP/s over the peak of the devices doing the work
+    (a fraction, 0..1). images_per_s: all devices together (the global batch per second);
+    peak_tflops: one device's peak, as the config gives it."""
+    return images_per_s * flops_per_image / (num_devices * peak_tflops * 1e12)

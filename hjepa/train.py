@@ -350,7 +350,7 @@ class EpochLoop:
         images_per_s, data_wait = meter.read_and_reset()
         record = _metrics_record(out, step, epoch, self.schedule_at(step - 1), images_per_s=images_per_s,
                                  data_wait=data_wait, flops_per_image=self.flops_per_image,
-                                 peak_tflops=self.cfg["hardware.peak_tflops"])
+                                 peak_tflops=self.cfg["hardware.peak_tflops"], num_devices=self.info.world_size)
         if self.log:
             self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
@@ -441,15 +441,17 @@ def _add_counts(a, b):
     return torch.nn.functional.pad(a, (0, n - len(a))) + torch.nn.functional.pad(b, (0, n - len(b)))
 
 
-def _metrics_record(out, step, epoch, schedule, *, images_per_s, data_wait, flops_per_image, peak_tflops):
-    """One metrics.jsonl line; `schedule` is what the step that produced `out` ran with."""
+def _metrics_record(out, step, epoch, schedule, *, images_per_s, data_wait, flops_per_image, peak_tflops,
+                    num_devices=1):
+    """One metrics.jsonl line; `schedule` is what the step that produced `out` ran with. images_per_s
+    counts all processes; mfu is per device (each process drives one)."""
     return {"step": step, "epoch": epoch, "lr": schedule["lr"], "wd": schedule["weight_decay"],
             "momentum": schedule["momentum"], "loss": float(out["loss"].detach()),
             "level_losses": [float(x) for x in out["level_losses"]],
             "target_std": float(out["target_std"]), "pred_std": float(out["pred_std"]),
             "grad_norm": float(out["grad_norm"]), "images_per_s": images_per_s,
             "data_wait_fraction": min(1.0, data_wait),
-            "mfu": mfu(images_per_s, flops_per_image, peak_tflops) if peak_tflops > 0 else math.nan}
+            "mfu": mfu(images_per_s, flops_per_image, peak_tflops, num_devices) if peak_tflops > 0 else math.nan}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ import hashlib
 import os
 import subprocess
 import sys
+import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from hjepa.beton import write_beton
 from hjepa.errors import UserError
 from hjepa.sampler import expected_counts, weighted_epoch_indices
 
-# numba's dispatcher finalizer can print a KeyError at teardown (stack.md, FFCV pitfall 8): noise.
+# numba's dispatcher finalizer can print a KeyError at interpreter teardown: harmless noise.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, BATCH = 32, 8
@@ -159,6 +161,49 @@ def test_weighted_loader_reads_its_rank_shard_with_exact_member_counts(weighted_
     both = np.bincount(np.searchsorted([48, 72, 84], np.concatenate([shard, other]), side="right"))
     assert both.tolist() == weighted_rank1_loader.epoch_counts.tolist() == \
         expected_counts(sizes, weights, world_size=2, batch_size=4).tolist()
+
+
+def wait_until_loader_is_ahead(loader, timeout=10.0):
+    """Until FFCV's thread has filled its queue (or ended the epoch), then a moment for the batch it is
+    decoding: the farthest ahead it can get while the consumer holds a batch."""
+    iterator, deadline = loader._iterator, time.monotonic() + timeout
+    while iterator.is_alive() and not iterator.output_queue.full() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+
+
+def test_a_held_batch_stays_intact_until_the_next_is_requested(eval_loader):
+    # 7 batches through FFCV's 5 output slots: every slot is reused while the epoch runs.
+    for index, (images, labels, _) in enumerate(eval_loader.epoch(0)):
+        kept_images, kept_labels = images.clone(), labels.clone()
+        wait_until_loader_is_ahead(eval_loader)
+        assert torch.equal(images, kept_images) and torch.equal(labels, kept_labels), f"batch {index} overwritten"
+
+
+def test_staged_copy_keeps_its_batch_after_the_loader_reuses_the_buffer(eval_loader):
+    batches = eval_loader.epoch(0)
+    images, _, _ = next(batches)
+    staged = data.staging_copy(images, pin=False)  # what images_to_device copies from on CUDA (pinned there)
+    assert staged.untyped_storage().data_ptr() != images.untyped_storage().data_ptr()
+    assert staged.stride() == images.stride()  # channels_last kept: the device copy stays one memcpy
+    first = images.clone()
+    for _ in batches:  # batch 5 goes into batch 0's slot
+        pass
+    assert not torch.equal(images, first)  # FFCV did reuse the memory the batch was handed out in
+    assert torch.equal(staged, first)
+
+
+def test_beton_without_manifest_is_read_after_a_one_line_warning(tiny_beton, tmp_path, capsys):
+    copy = str(tmp_path / "elsewhere.beton")  # as if written by FFCV's own writer: no manifest beside it
+    shutil.copyfile(tiny_beton, copy)
+    assert data._inspect_beton(copy) == (["image", "label"], 64)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and copy in lines[0] and "manifest" in lines[0]
+
+
+def test_beton_with_its_manifest_is_read_silently(tiny_beton, capsys):
+    data._inspect_beton(tiny_beton)
+    assert capsys.readouterr().err == ""
 
 
 def test_missing_beton_is_a_user_error(tmp_path):

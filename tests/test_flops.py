@@ -82,3 +82,8 @@ def test_sampled_counts_see_the_context_cut_to_the_batch_minimum():
 
 def test_mfu_is_achieved_over_peak_flops():
     assert mfu(images_per_s=1000, flops_per_image=3e10, peak_tflops=300) == pytest.approx(0.1)
+
+
+def test_mfu_of_a_data_parallel_run_is_per_device():
+    # 8 devices at 1000 images/s each, each at a tenth of its 300 TFLOP/s peak.
+    assert mfu(images_per_s=8000, flops_per_image=3e10, peak_tflops=300, num_devices=8) == pytest.approx(0.1)

@@ -151,3 +151,16 @@ def test_resuming_with_another_batch_size_fails_naming_both_step_counts(finished
     args = tiny_args(tiny_beton, tmp_path, "--data.batch_size=8", f"--training.resume={tmp_path / 'ckpt.pt'}")
     with pytest.raises(UserError, match="written with 4 steps per epoch, this run has 8"):
         train_module.main.__wrapped__(args)
+
+
+def test_logged_mfu_is_per_device_when_processes_share_the_images_per_second():
+    out = {"loss": torch.tensor(1.0), "level_losses": [torch.tensor(1.0)], "target_std": torch.tensor(1.0),
+           "pred_std": torch.tensor(1.0), "grad_norm": torch.tensor(1.0)}
+    schedule = {"lr": 1e-3, "weight_decay": 0.04, "momentum": 0.996}
+
+    def logged_mfu(num_devices):
+        return train_module._metrics_record(out, 1, 0, schedule, images_per_s=8000, data_wait=0.0,
+                                            flops_per_image=3e10, peak_tflops=300,
+                                            num_devices=num_devices)["mfu"]
+
+    assert logged_mfu(8) == pytest.approx(0.1) and logged_mfu(1) == pytest.approx(0.8)
