@@ -52,7 +52,8 @@ def load_for_storage(source, *, short_side, max_side=None):
     (H, W, 3) uint8 array -> the (H', W', 3) uint8 array to store."""
     if is_path_source(source):
         with Image.open(source) as image:
-            return np.asarray(resize_for_storage(image.convert("RGB"), short_side=short_side, max_side=max_side))
+            image = image if image.mode == "RGB" else image.convert("RGB")
+            return np.asarray(resize_for_storage(image, short_side=short_side, max_side=max_side))
     height, width = source.shape[:2]
     if storage_size(width, height, short_side=short_side, max_side=max_side) == (width, height):
         return np.ascontiguousarray(source)  # strided views (memory-mapped STL-10) -> contiguous
