@@ -1,8 +1,9 @@
 """Readers of the source datasets: each returns the samples `hjepa.beton.write_beton` takes.
 
-Every reader returns `(samples, class_names)` with samples a list of (image_source, label):
+Every reader returns `(samples, class_names)` first, with samples a list of (image_source, label):
 image_source is a file path (ImageNet, image folders) or an (H, W, 3) uint8 array view (CIFAR, STL-10;
-STL-10 views are memory-mapped, so the 2.7 GB unlabeled split is never held in RAM). A missing or
+STL-10 views are memory-mapped, so the 2.7 GB unlabeled split is never held in RAM). The folder readers
+add a third item naming the files they left out for lacking an image extension. A missing or
 malformed source is a UserError that says what should be where.
 """
 import csv
