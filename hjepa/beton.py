@@ -2,12 +2,15 @@
 
 Every single-dataset beton has the fields `image` (RGBImageField) and `label` (IntField, -1 =
 unlabeled); a combined beton (`combine_betons`) adds `dataset_idx`. Beside `x.beton` sits `x.json`:
-dataset, split, counts, class names, writer params, source, creation time, size and a blake2b
-checksum of the beton, and the images that were skipped as unreadable.
+dataset, split, counts, class names, the storage policy, source, creation time, size and a blake2b
+checksum of the beton, the images that were skipped as unreadable and the files ignored as non-images.
 
-Atomicity: the beton is written to `<write_path>.partial` in the same folder and renamed with
-`os.replace` only when complete, so an interrupted run (even SIGKILL) never leaves a file at
-`write_path` that looks complete. The old manifest is removed first and the new one written last.
+What is stored (the resize policy) lives in hjepa.storage.
+
+Atomicity: the beton is written to `<write_path>.partial` in the same folder, fsynced, and renamed
+with `os.replace` only when complete (then the folder is fsynced), so an interrupted run (even
+SIGKILL or a power cut) never leaves a file at `write_path` that looks complete. The old manifest is
+removed first and the new one written last, the same way.
 """
 import datetime
 import functools
@@ -16,60 +19,23 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager, suppress
 from unittest import mock
 
-import cv2
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from hjepa.errors import UserError
+from hjepa.storage import (IMAGE_RESIZE, check_free_space, estimate_beton_bytes, is_path_source, load_for_storage,
+                           probe_image, storage_size)
 
 MANIFEST_FORMAT = "hjepa-beton-manifest-v1"
 CHECKSUM_ALGORITHM = "blake2b"
 
 # ----------------------------------------------------------------------------------------------
-# Images
-
-
-def load_rgb(path):
-    """Decode an image file to an (H, W, 3) uint8 array (PIL, any mode converted to RGB)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def check_image(path):
-    """None if `path` decodes completely, else a one-line reason.
-
-    Cheap: for JPEGs PIL's draft mode decodes at 1/8 scale (DCT scaling), which still reads the
-    whole entropy-coded stream, so truncated files, zero-byte files and non-images all fail here.
-    """
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-            image.convert("RGB")
-        return None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        return f"{type(e).__name__}: {e}"
-
-
-def resize_to_max_side(image, max_resolution):
-    """Shrink so the longest side is <= max_resolution (INTER_AREA, as FFCV's RGBImageField does)."""
-    height, width = image.shape[:2]
-    scale = max_resolution / max(height, width)
-    if scale >= 1:
-        return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
-def _is_path(source):
-    return isinstance(source, (str, os.PathLike))
+# Samples
 
 
 def _check_array(source, index):
@@ -97,12 +63,28 @@ def file_checksum(path, chunk_bytes=1 << 24):
     return digest.hexdigest()
 
 
+def _fsync(path):
+    """Flush a file's (or a folder's entries') data to the disk, so a rename after it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp_path, path):
+    """fsync tmp_path, rename it to path, fsync the folder (which records the rename)."""
+    _fsync(tmp_path)
+    os.replace(tmp_path, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
 def _write_json_atomic(path, content):
     tmp = f"{path}.partial"
     with open(tmp, "w") as f:
         json.dump(content, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
 
 
 def _read_header(beton_path):
@@ -156,49 +138,20 @@ def read_manifest(beton_path, verify_checksum=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# Disk space
-
-
-def estimate_beton_bytes(samples, *, max_resolution, write_mode, compress_probability=0.5):
-    """A generous estimate of the beton size: stored pixels (capped at max_resolution^2 with a 4:3
-    aspect, or the array's own size) at 3 bytes raw or ~1/6 of that as q90 JPEG (measured ~2-4
-    bits/pixel), plus one FFCV page per worker and 10% slack."""
-    cap_pixels = max_resolution * max_resolution * 3 // 4
-    raw_bytes = 0
-    for source, _ in samples:
-        if _is_path(source):
-            # A source JPEG's own size bounds what we store for small images.
-            raw_bytes += min(cap_pixels * 3, 6 * os.path.getsize(source))
-        else:
-            raw_bytes += min(cap_pixels, source.shape[0] * source.shape[1]) * 3
-    jpeg_fraction = {"jpg": 1.0, "raw": 0.0, "proportion": compress_probability}[write_mode]
-    data_bytes = raw_bytes * (jpeg_fraction / 6 + (1 - jpeg_fraction))
-    return int(1.1 * data_bytes + 64 * len(samples) + 64 * 2**20)
-
-
-def check_free_space(write_path, needed_bytes):
-    """UserError when the disk holding `write_path` has less free space than `needed_bytes`."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(write_path))).free
-    if free < needed_bytes:
-        raise UserError(f"not enough disk space for {write_path}: about {needed_bytes / 2**30:.2f} GiB "
-                        f"needed, {free / 2**30:.2f} GiB free")
-
-
-# ----------------------------------------------------------------------------------------------
 # Writing
 
 
 class _SampleDataset:
     """What FFCV's DatasetWriter indexes from its worker processes: (image, label).
 
-    Files were checked before writing; if one still fails to decode here (changed on disk meanwhile)
-    we must not raise -- an exception kills an FFCV worker and the writer's main loop then waits
-    forever -- so we mark it in shared memory and the whole write is rejected afterwards.
+    Each file is decoded here, once. One that fails (truncated, corrupt) must not raise -- an
+    exception kills an FFCV worker and the writer's main loop then waits forever -- so we store a
+    placeholder, mark the sample in shared memory, and drop it from the beton afterwards.
     """
 
-    def __init__(self, samples, max_resolution):
+    def __init__(self, samples, *, short_side, max_side):
         self.samples = samples
-        self.max_resolution = max_resolution
+        self.short_side, self.max_side = short_side, max_side
         self.failed = multiprocessing.RawArray("b", len(samples))
 
     def __len__(self):
@@ -206,24 +159,21 @@ class _SampleDataset:
 
     def __getitem__(self, index):
         source, label = self.samples[index]
-        if _is_path(source):
-            try:
-                source = load_rgb(source)
-            except Exception:
-                self.failed[index] = 1
-                source = np.zeros((8, 8, 3), np.uint8)  # never kept: the write is rejected
-        # Array sources may be strided views (memory-mapped STL-10); OpenCV wants contiguous memory.
-        return resize_to_max_side(np.ascontiguousarray(source), self.max_resolution), label
+        try:
+            return load_for_storage(source, short_side=self.short_side, max_side=self.max_side), label
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            self.failed[index] = 1
+            return np.zeros((8, 8, 3), np.uint8), label  # dropped before the beton is renamed into place
 
 
-def _page_size(max_resolution, estimated_bytes):
+def _page_size(stored_sizes, estimated_bytes):
     # A sample must fit in one FFCV page (memory_allocator.malloc); a raw image needs H*W*3 bytes.
     # FFCV's default 8 MiB pages suit big files; small ones use 2 MiB, since every writer process
     # pads its last page and the data region starts page-aligned.
     from ffcv.writer import MIN_PAGE_SIZE
 
     default = 4 * MIN_PAGE_SIZE if estimated_bytes > 2**30 else MIN_PAGE_SIZE
-    needed = max(default, 2 * 3 * max_resolution * max_resolution)
+    needed = max(default, 2 * 3 * max(width * height for width, height in stored_sizes))
     return 1 << math.ceil(math.log2(needed))
 
 
@@ -237,16 +187,14 @@ def _ffcv_progress(desc, enabled):
         yield
 
 
-def _find_bad_images(paths, num_workers, progress):
-    """[(path, reason)] for the files that do not decode, checked in parallel."""
-    bar = functools.partial(tqdm, total=len(paths), desc="checking images", unit="img",
+def _probe_images(paths, num_workers, progress):
+    """[((width, height) or None, reason or None)] for `paths`, headers read in parallel."""
+    bar = functools.partial(tqdm, total=len(paths), desc="reading image headers", unit="img",
                             disable=not progress, file=sys.stderr)
-    if num_workers <= 1 or len(paths) < 256:
-        reasons = [check_image(p) for p in bar(paths)]
-    else:
-        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            reasons = list(bar(pool.imap(check_image, paths, chunksize=64)))
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    if num_workers <= 1 or len(paths) < 4096:
+        return [probe_image(p) for p in bar(paths)]
+    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+        return list(bar(pool.imap(probe_image, paths, chunksize=256)))
 
 
 def _write_atomically(write_path, fields, dataset, finish, *, num_workers, chunk_size, page_size, progress):
@@ -267,27 +215,40 @@ def _write_atomically(write_path, fields, dataset, finish, *, num_workers, chunk
         manifest["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "hex": file_checksum(tmp_path)}
         if os.path.exists(manifest_path(write_path)):
             os.remove(manifest_path(write_path))  # never let a stale manifest describe the new beton
-        os.replace(tmp_path, write_path)
+        _replace_durably(tmp_path, write_path)
         _write_json_atomic(manifest_path(write_path), manifest)
     except BaseException:
         with suppress(FileNotFoundError):
             os.remove(tmp_path)
         raise
     seconds = time.perf_counter() - start
-    print(f"wrote {len(dataset)} images to {write_path} in {seconds:.1f} s "
+    print(f"wrote {manifest['num_samples']} images to {write_path} in {seconds:.1f} s "
           f"({len(dataset) / seconds:.0f} images/s)", flush=True)
     return manifest
 
 
-def write_beton(samples, write_path, *, dataset, split, class_names, source, max_resolution=256,
+def _warn_unreadable(bad_images):
+    for path, reason in bad_images:
+        print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
+
+
+def _check_bad_fraction(bad_images, num_samples, max_bad_fraction):
+    if len(bad_images) > max_bad_fraction * num_samples:
+        raise UserError(f"{len(bad_images)} of {num_samples} images are unreadable (more than "
+                        f"max_bad_fraction={max_bad_fraction}); first: {bad_images[0][0]}")
+
+
+def write_beton(samples, write_path, *, dataset, split, class_names, source, short_side=256, max_side=None,
                 jpeg_quality=90, write_mode="jpg", compress_probability=0.5, num_workers=1,
-                chunk_size=100, max_bad_fraction=0.001, progress=True):
+                chunk_size=100, max_bad_fraction=0.001, ignored_files=(), progress=True):
     """Write (image_source, label) samples to `write_path` with fields `image`, `label`; return the manifest.
 
     image_source: a file path (decoded with PIL, converted to RGB) or an (H, W, 3) uint8 array.
-    Images are shrunk so the longest side <= max_resolution and stored per write_mode
-    (jpg | raw | proportion). Unreadable files are skipped with a warning and listed in the
-    manifest's `bad_images`; more than max_bad_fraction of them is a UserError.
+    Images are resized per storage_size (shorter side short_side, never enlarged; longer side
+    capped at max_side when given) and stored per write_mode (jpg | raw | proportion). Unreadable
+    files are skipped with a warning and listed in the manifest's `bad_images`; more than
+    max_bad_fraction of them is a UserError. ignored_files (non-image files the source reader left
+    out) are counted and listed in the manifest.
     """
     from ffcv.fields import IntField, RGBImageField
 
@@ -296,41 +257,52 @@ def write_beton(samples, write_path, *, dataset, split, class_names, source, max
     if not samples:
         raise UserError(f"no samples to write for {dataset} split '{split}' (source: {source})")
     for index, (image_source, label) in enumerate(samples):
-        if not _is_path(image_source):
+        if not is_path_source(image_source):
             _check_array(image_source, index)
         if not -1 <= label < len(class_names):
             raise ValueError(f"sample {index}: label {label} outside -1..{len(class_names) - 1}")
     if write_mode not in ("jpg", "raw", "proportion"):
         raise ValueError(f"write_mode must be jpg, raw or proportion, got {write_mode!r}")
+    max_side = max_side or None
     os.makedirs(os.path.dirname(os.path.abspath(write_path)), exist_ok=True)
-    estimated_bytes = estimate_beton_bytes(samples, max_resolution=max_resolution, write_mode=write_mode,
+
+    paths = [s for s, _ in samples if is_path_source(s)]
+    probed = dict(zip(paths, _probe_images(paths, num_workers, progress))) if paths else {}
+    bad_images = [(p, reason) for p, (_, reason) in probed.items() if reason is not None]
+    _warn_unreadable(bad_images)
+    num_given = len(samples)
+    _check_bad_fraction(bad_images, num_given, max_bad_fraction)
+    samples = [(s, int(label)) for s, label in samples if not (is_path_source(s) and probed[s][1] is not None)]
+    if not samples:
+        raise UserError(f"no readable images for {dataset} split '{split}' (source: {source})")
+    stored_sizes = [storage_size(*(probed[s][0] if is_path_source(s) else s.shape[1::-1]),
+                                 short_side=short_side, max_side=max_side) for s, _ in samples]
+    estimated_bytes = estimate_beton_bytes(stored_sizes, write_mode=write_mode,
                                            compress_probability=compress_probability)
     check_free_space(write_path, estimated_bytes)
 
-    paths = [s for s, _ in samples if _is_path(s)]
-    bad_images = _find_bad_images(paths, num_workers, progress) if paths else []
-    for path, reason in bad_images:
-        print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
-    if len(bad_images) > max_bad_fraction * len(samples):
-        raise UserError(f"{len(bad_images)} of {len(samples)} images are unreadable (more than "
-                        f"max_bad_fraction={max_bad_fraction}); first: {bad_images[0][0]}")
-    bad_paths = {os.fspath(p) for p, _ in bad_images}
-    samples = [(s, int(label)) for s, label in samples if not (_is_path(s) and os.fspath(s) in bad_paths)]
-    if not samples:
-        raise UserError(f"no readable images for {dataset} split '{split}' (source: {source})")
-
     fields = {
-        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                               jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+        # max_resolution=None: FFCV's own resize (longest side, INTER_AREA) stays off; ours ran already.
+        "image": RGBImageField(write_mode=write_mode, max_resolution=None, jpeg_quality=jpeg_quality,
+                               compress_probability=compress_probability),
         "label": IntField(),
     }
-    data = _SampleDataset(samples, max_resolution)
+    data = _SampleDataset(samples, short_side=short_side, max_side=max_side)
+    page_size = _page_size(stored_sizes, estimated_bytes)
 
     def finish(tmp_path):
-        failed = [samples[i][0] for i in np.flatnonzero(np.frombuffer(data.failed, np.int8))]
+        nonlocal samples
+        failed = set(np.flatnonzero(np.frombuffer(data.failed, np.int8)).tolist())
         if failed:
-            raise UserError(f"{len(failed)} images became unreadable while writing, first: {failed[0]}; "
-                            "nothing was written")
+            late = [(samples[i][0], "failed to decode") for i in sorted(failed)]
+            _warn_unreadable(late)
+            bad_images.extend(late)
+            _check_bad_fraction(bad_images, num_given, max_bad_fraction)
+            kept = [i for i in range(len(samples)) if i not in failed]
+            if not kept:
+                raise UserError(f"no readable images for {dataset} split '{split}' (source: {source})")
+            _drop_samples(tmp_path, kept, num_workers=num_workers, chunk_size=chunk_size, page_size=page_size)
+            samples = [samples[i] for i in kept]
         labels = np.array([label for _, label in samples])
         return {
             "format": MANIFEST_FORMAT,
@@ -342,16 +314,19 @@ def write_beton(samples, write_path, *, dataset, split, class_names, source, max
             "per_class_counts": {name: int((labels == i).sum()) for i, name in enumerate(class_names)},
             "num_unlabeled": int((labels == -1).sum()),
             "fields": {"image": "RGBImageField", "label": "IntField"},
-            "writer": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
-                       "write_mode": write_mode, "compress_probability": compress_probability},
+            "storage": {"short_side": short_side, "max_side": max_side, "resize": IMAGE_RESIZE,
+                        "enlarge": False, "write_mode": write_mode, "jpeg_quality": jpeg_quality,
+                        "compress_probability": compress_probability},
             "source": os.fspath(source),
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "num_bad_images": len(bad_images),
             "bad_images": [os.fspath(p) for p, _ in bad_images],
+            "num_ignored_files": len(ignored_files),
+            "ignored_files": [os.fspath(p) for p in ignored_files],
         }
 
     return _write_atomically(write_path, fields, data, finish, num_workers=num_workers, chunk_size=chunk_size,
-                             page_size=_page_size(max_resolution, estimated_bytes), progress=progress)
+                             page_size=page_size, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,6 +403,39 @@ def _mark_as_rgb_image_field(beton_path, field_index):
     del descriptors
 
 
+class _KeptSamples:
+    """(stored image, label) of the samples at `kept` of one beton."""
+
+    def __init__(self, beton_path, kept):
+        self.members, self.kept = _MemberDataset([beton_path]), kept
+
+    def __len__(self):
+        return len(self.kept)
+
+    def __getitem__(self, index):
+        stored, label, _ = self.members[self.kept[index]]
+        return stored, label
+
+
+def _drop_samples(beton_path, kept, *, num_workers, chunk_size, page_size):
+    """Rewrite the single beton at beton_path keeping only the samples at indices `kept` (in order);
+    the stored image bytes are copied, not decoded again."""
+    from ffcv.fields import IntField
+    from ffcv.writer import DatasetWriter
+
+    compact_path = beton_path + ".compact"
+    try:
+        writer = DatasetWriter(compact_path, {"image": _stored_image_field_class()(), "label": IntField()},
+                               page_size=page_size, num_workers=num_workers)
+        with _ffcv_progress("", False):
+            writer.from_indexed_dataset(_KeptSamples(beton_path, kept), chunksize=chunk_size)
+        _mark_as_rgb_image_field(compact_path, 0)
+        os.replace(compact_path, beton_path)
+    finally:
+        with suppress(FileNotFoundError):
+            os.remove(compact_path)
+
+
 def parse_members(text):
     """`name=path,name=path` -> [(name, path)] in order; UserError on malformed or repeated names."""
     members = []
@@ -467,7 +475,10 @@ def combine_betons(members, write_path, *, split="train", num_workers=1, chunk_s
             "num_samples": data.offsets[d + 1] - data.offsets[d], "source": os.path.abspath(path),
             "source_checksum": m["checksum"], "dataset": m["dataset"], "split": m["split"],
             "class_names": m["class_names"], "per_class_counts": m["per_class_counts"],
-            "num_unlabeled": m["num_unlabeled"], "writer": m["writer"],
+            "num_unlabeled": m["num_unlabeled"],
+            # Manifests written before the storage policy was recorded hold "writer" (longest side capped
+            # at max_resolution) instead.
+            "storage": m.get("storage", m.get("writer")),
         } for d, ((name, path), m) in enumerate(zip(members, manifests))]
         return {
             "format": MANIFEST_FORMAT,

@@ -250,7 +250,10 @@ def _declare_sections(cfg):
         data_dir=_p(Text(), "source dataset folder", default=""),
         split=_p(Text(), "split to write (train, val, test, unlabeled, train+unlabeled)", default="train"),
         write_path=_p(Text(), "output .beton path", default=""),
-        max_resolution=_p(Integer(8), "longest side stored, pixels", default=256),
+        short_side=_p(Integer(8), "shorter side stored, pixels (torchvision Resize(short_side); never enlarged)",
+                      default=256),
+        max_side=_p(Integer(0), "cap on the longer side stored, pixels, after short_side (panoramas); 0 = none",
+                    default=0),
         jpeg_quality=_p(Integer(1, 100), "JPEG quality of stored images", default=90),
         write_mode=_p(Choice("jpg", "raw", "proportion"), "image storage mode", default="jpg"),
         compress_probability=_p(Number(0.0, 1.0), "JPEG fraction in proportion mode", default=0.5),
@@ -283,9 +286,18 @@ def _flatten(tree, prefix=""):
     return flat
 
 
+# Keys that were removed, and what replaces them.
+REMOVED_KEYS = {
+    "cfg.max_resolution": "images are now stored by their shorter side: use cfg.short_side (and cfg.max_side "
+                          "to cap the longer side)",
+}
+
+
 def _check_known(cfg, flat, where):
     valid = known_keys(cfg)
     for key in flat:
+        if key in REMOVED_KEYS:
+            raise UserError(f"config key '{key}' in {where} was removed: {REMOVED_KEYS[key]}")
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

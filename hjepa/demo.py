@@ -141,8 +141,7 @@ def write_split(tree, split, beton, real_wnids, *, in_process):
     """Write one split with the real writer; check it kept the real classes and dropped the decoys."""
     lines = run_tool(f"write {split} beton", [
         "write_datasets/imagenet100.py", f"--cfg.data_dir={tree}", f"--cfg.split={split}",
-        f"--cfg.write_path={beton}", "--cfg.allow_missing_classes=1",
-        f"--cfg.max_resolution={max(IMAGE_SIZE)}"], keep_lines=True, in_process=in_process)
+        f"--cfg.write_path={beton}", "--cfg.allow_missing_classes=1"], keep_lines=True, in_process=in_process)
     with open(os.path.splitext(beton)[0] + ".json") as f:
         counts = json.load(f)["per_class_counts"]
     kept = sorted(w for w, n in counts.items() if n > 0)

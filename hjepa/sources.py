@@ -1,8 +1,9 @@
 """Readers of the source datasets: each returns the samples `hjepa.beton.write_beton` takes.
 
-Every reader returns `(samples, class_names)` with samples a list of (image_source, label):
+Every reader returns `(samples, class_names)` first, with samples a list of (image_source, label):
 image_source is a file path (ImageNet, image folders) or an (H, W, 3) uint8 array view (CIFAR, STL-10;
-STL-10 views are memory-mapped, so the 2.7 GB unlabeled split is never held in RAM). A missing or
+STL-10 views are memory-mapped, so the 2.7 GB unlabeled split is never held in RAM). The folder readers
+add a third item naming the files they left out for lacking an image extension. A missing or
 malformed source is a UserError that says what should be where.
 """
 import csv
@@ -15,6 +16,10 @@ import numpy as np
 from hjepa.errors import UserError
 
 CLASS_LIST_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet100_classes.txt")
+# Images of the 100 classes in ImageNet-1k's train and val sets (CMC's subset).
+IMAGENET100_SPLIT_SIZES = {"train": 126_689, "val": 5_000}
+# What torchvision's ImageFolder takes for an image; other files in a class folder are not samples.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # Official archives, as torchvision.datasets knows them (url, md5, folder the archive extracts to).
 ARCHIVES = {
@@ -50,16 +55,22 @@ def imagenet100_class_list():
         return f.read().split()
 
 
+def is_image_file(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _class_folder_samples(split_dir, class_to_label):
-    """[(path, label)] for every visible file in <split_dir>/<class>/ (non-images included: the
-    writer's check skips them with a warning naming each one)."""
-    samples = []
+    """([(path, label)] for every visible image file in <split_dir>/<class>/, [paths of the other
+    visible files]): a file is a sample by its extension (IMAGE_EXTENSIONS), as in ImageFolder."""
+    samples, ignored = [], []
     for name, label in class_to_label.items():
         folder = os.path.join(split_dir, name)
         if os.path.isdir(folder):
-            samples += [(os.path.join(folder, f), label) for f in _visible_entries(folder)
-                        if os.path.isfile(os.path.join(folder, f))]
-    return samples
+            files = [os.path.join(folder, f) for f in _visible_entries(folder)]
+            files = [f for f in files if os.path.isfile(f)]
+            samples += [(f, label) for f in files if is_image_file(f)]
+            ignored += [f for f in files if not is_image_file(f)]
+    return samples, ignored
 
 
 def _flat_val_solution(data_dir, split_dir):
@@ -93,7 +104,8 @@ def imagenet_samples(data_dir, split, *, class_list, allow_missing_classes=False
 
     Layouts: <data_dir>/<split>/<wnid>/*.JPEG, or for val the flat <data_dir>/val/*.JPEG with
     LOC_val_solution.csv in <data_dir> or <data_dir>/val. Returns (samples, class_list, info) where
-    info = {"present": wnids found, "missing": wnids absent, "dropped_classes": other wnids seen}.
+    info = {"present": wnids found, "missing": wnids absent, "dropped_classes": other wnids seen,
+    "ignored_files": files kept out for lacking an image extension}.
     """
     layout = "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or val/*.JPEG + LOC_val_solution.csv)"
     _require_dir(data_dir, layout)
@@ -108,8 +120,10 @@ def imagenet_samples(data_dir, split, *, class_list, allow_missing_classes=False
     label_of = {wnid: i for i, wnid in enumerate(class_list)}
     if class_dirs:
         seen = set(class_dirs)
-        samples = _class_folder_samples(split_dir, {w: label_of[w] for w in class_list if w in seen})
+        samples, ignored = _class_folder_samples(split_dir, {w: label_of[w] for w in class_list if w in seen})
     elif files and split == "val":
+        ignored = [os.path.join(split_dir, f) for f in files if not is_image_file(f)]
+        files = [f for f in files if is_image_file(f)]
         solution = _read_val_solution(_flat_val_solution(data_dir, split_dir))
         unlisted = [f for f in files if os.path.splitext(f)[0] not in solution]
         if unlisted:
@@ -123,7 +137,7 @@ def imagenet_samples(data_dir, split, *, class_list, allow_missing_classes=False
         raise UserError(f"{split_dir} holds no class folders: expected {split}/<wnid>/*.JPEG")
     info = {"present": [w for w in class_list if w in seen],
             "missing": [w for w in class_list if w not in seen],
-            "dropped_classes": sorted(seen - set(class_list))}
+            "dropped_classes": sorted(seen - set(class_list)), "ignored_files": ignored}
     if info["missing"]:
         message = (f"{len(info['missing'])} of the {len(class_list)} ImageNet-100 classes are missing from "
                    f"{split_dir}: {' '.join(info['missing'])}")
@@ -134,8 +148,9 @@ def imagenet_samples(data_dir, split, *, class_list, allow_missing_classes=False
 
 
 def image_folder_samples(data_dir, split):
-    """Samples of <data_dir>/<split>/<class>/* with labels = sorted class folder names
-    (split "." reads class folders directly under data_dir). Returns (samples, class_names)."""
+    """Samples of <data_dir>/<split>/<class>/<image files> with labels = sorted class folder names
+    (split "." reads class folders directly under data_dir). Returns (samples, class_names, ignored):
+    ignored lists the files kept out for lacking an image extension."""
     _require_dir(data_dir, "<split>/<class>/<images>")
     split_dir = os.path.normpath(os.path.join(data_dir, split))
     if not os.path.isdir(split_dir):
@@ -144,7 +159,8 @@ def image_folder_samples(data_dir, split):
     class_names = [e for e in _visible_entries(split_dir) if os.path.isdir(os.path.join(split_dir, e))]
     if not class_names:
         raise UserError(f"{split_dir} holds no class folders: expected {split}/<class>/<images>")
-    return _class_folder_samples(split_dir, {c: i for i, c in enumerate(class_names)}), class_names
+    samples, ignored = _class_folder_samples(split_dir, {c: i for i, c in enumerate(class_names)})
+    return samples, class_names, ignored
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def write_tiny_beton(path, split, num_per_class, seed):
     samples = [(rng.integers(low, low + 100, (40, 40, 3), dtype=np.uint8), label)
                for label, low in ((0, 0), (1, 155)) for _ in range(num_per_class)]
     write_beton(samples, str(path), dataset="tinytwo", split=split, class_names=["dark", "bright"],
-                source="tests/test_probe.py", max_resolution=40, num_workers=1, progress=False)
+                source="tests/test_probe.py", num_workers=1, progress=False)
     return str(path)
 
 

@@ -23,7 +23,8 @@ from conftest import REPO_ROOT
 from hjepa.sources import imagenet100_class_list
 from hjepa.beton import file_checksum, manifest_path, read_manifest, write_beton
 from hjepa.errors import UserError
-from hjepa.synthetic import make_images, make_imagenet_tree
+from hjepa.storage import IMAGE_RESIZE, storage_size
+from hjepa.synthetic import _smooth_noise, make_images, make_imagenet_tree
 
 PYTHON = sys.executable
 
@@ -89,21 +90,75 @@ def test_manifest_describes_the_beton(tiny_beton):
     assert manifest["class_names"] == ["c0", "c1", "c2", "c3"]
     assert manifest["per_class_counts"] == {"c0": 16, "c1": 16, "c2": 16, "c3": 16}
     assert manifest["fields"] == {"image": "RGBImageField", "label": "IntField"}
-    assert manifest["writer"]["max_resolution"] == 256 and manifest["writer"]["write_mode"] == "jpg"
+    assert manifest["storage"] == {"short_side": 256, "max_side": None, "resize": IMAGE_RESIZE, "enlarge": False,
+                                   "write_mode": "jpg", "jpeg_quality": 90, "compress_probability": 0.5}
     assert manifest["size_bytes"] == os.path.getsize(tiny_beton)
     assert manifest["checksum"]["hex"] == file_checksum(tiny_beton)
     assert manifest["bad_images"] == [] and manifest["num_bad_images"] == 0
 
 
-def test_raw_mode_stores_exact_pixels_and_longest_side_is_capped(tmp_path):
+def test_raw_mode_stores_exact_pixels_and_shrinks_the_shorter_side(tmp_path):
     wide = np.random.default_rng(0).integers(0, 256, size=(100, 200, 3), dtype=np.uint8)
     small = np.random.default_rng(1).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     path = str(tmp_path / "raw.beton")
     write_beton([(wide, 0), (small, 1)], path, dataset="t", split="train", class_names=["a", "b"],
-                source="test", max_resolution=64, write_mode="raw", progress=False)
+                source="test", short_side=64, write_mode="raw", progress=False)
     images, _, _ = read_beton(path)
-    assert images[0].shape == (32, 64, 3)
+    assert images[0].shape == (64, 128, 3)
     assert np.array_equal(images[1], small)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 500), (256, 256), (1000, 257), (257, 1000)])
+def test_storage_size_is_torchvision_resize_of_the_shorter_side(size):
+    from torchvision import transforms
+
+    assert storage_size(*size, short_side=256) == transforms.Resize(256)(Image.new("RGB", size)).size
+
+
+def test_storage_never_enlarges_and_max_side_caps_the_longer_side():
+    assert storage_size(200, 100, short_side=256) == (200, 100)
+    assert storage_size(3000, 500, short_side=256, max_side=1024) == (1024, 170)
+    assert storage_size(500, 3000, short_side=256, max_side=1024) == (170, 1024)
+
+
+def photo_like(rng, size):
+    """A (H, W, 3) uint8 image with what makes a photo hard to store small: sharp-edged shapes,
+    texture at 4-20 px scales and grain on smooth gradients (a stored image with a shorter side of
+    192 px instead of 256 loses it: the old longest-side storage was 4-6 grey levels off here)."""
+    width, height = size
+    x = np.mgrid[0:height, 0:width][1].astype(np.float32)
+    c0, c1 = rng.uniform(30, 220, (2, 3))
+    image = c0 + (x / width)[..., None] * (c1 - c0) + 25 * _smooth_noise(rng, height, width, 5)[..., None]
+    for _ in range(6):
+        colour = tuple(float(c) for c in rng.uniform(0, 255) + rng.uniform(-50, 50, 3))
+        centre = (int(rng.integers(width)), int(rng.integers(height)))
+        cv2.circle(image, centre, int(rng.integers(10, 80)), colour, -1, cv2.LINE_AA)
+        cv2.fillPoly(image, [rng.integers(0, [width, height], (3, 2)).astype(np.int32)], colour, cv2.LINE_AA)
+    image += 30 * sum(_smooth_noise(rng, height, width, cells) for cells in (24, 48, 96))[..., None]
+    image += 2 * rng.standard_normal(image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def test_eval_crop_of_stored_photos_is_torchvision_resize_256_center_crop_224(tmp_path):
+    from torchvision import transforms
+
+    from hjepa.data import build_eval_loader
+
+    files = []
+    for i, (folder, size) in enumerate([("wide", (500, 375))] * 2 + [("tall", (375, 500))] * 2):
+        (tmp_path / "photos" / folder).mkdir(parents=True, exist_ok=True)
+        files.append(tmp_path / "photos" / folder / f"{i}.jpg")
+        Image.fromarray(photo_like(np.random.default_rng(i), size)).save(files[-1], quality=90)
+    out = str(tmp_path / "photos.beton")
+    run_cli("imagefolder", f"--cfg.data_dir={tmp_path / 'photos'}", "--cfg.split=.", f"--cfg.write_path={out}",
+            "--cfg.num_workers=1")
+    with build_eval_loader(out, batch_size=4, num_workers=1, image_size=224) as loader:
+        ours = [image.permute(1, 2, 0).numpy() for batch in loader for image in batch[0]]  # (224, 224, 3) each
+    seed_transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    # Files are read in class-folder order: "tall" before "wide".
+    reference = [np.asarray(seed_transform(Image.open(f).convert("RGB"))) for f in sorted(files, key=str)]
+    differences = [mean_abs_error(a, b) for a, b in zip(ours, reference)]
+    assert len(differences) == 4 and max(differences) <= 3.0, differences
 
 
 def test_read_manifest_rejects_a_truncated_beton(tiny_beton, tmp_path):
@@ -131,7 +186,7 @@ def test_read_manifest_rejects_a_file_that_is_not_a_beton(tiny_beton, tmp_path):
 
 
 def test_writer_refuses_to_start_without_disk_space(tmp_path, monkeypatch):
-    monkeypatch.setattr("hjepa.beton.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    monkeypatch.setattr("hjepa.storage.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     path = tmp_path / "full.beton"
     with pytest.raises(UserError, match="not enough disk space"):
         write_beton(make_images(2, 2), path, dataset="t", split="train", class_names=["a", "b"],
@@ -172,7 +227,8 @@ def tree_with_bad_files(tmp_path):
     make_imagenet_tree(str(root), wnids=["n0000000a", "n0000000b"], train_per_class=6, val_per_class=0,
                        size=(40, 30))
     good = (root / "train" / "n0000000a" / "n0000000a_0.JPEG").read_bytes()
-    (root / "train" / "n0000000a" / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    scan_start = good.index(b"\xff\xda")  # start-of-scan marker: the header before it stays whole
+    (root / "train" / "n0000000a" / "truncated.JPEG").write_bytes(good[: (scan_start + len(good)) // 2])
     (root / "train" / "n0000000b" / "empty.JPEG").write_bytes(b"")
     (root / "train" / "n0000000b" / "notes.txt").write_text("not an image")
     return root
@@ -183,8 +239,8 @@ def test_unreadable_images_are_skipped_named_and_listed(tree_with_bad_files, tmp
     manifest = run_cli("imagefolder", f"--cfg.data_dir={tree_with_bad_files}", f"--cfg.write_path={out}",
                        "--cfg.max_bad_fraction=0.5", "--cfg.num_workers=1")
     bad = sorted(os.path.basename(p) for p in manifest["bad_images"])
-    assert bad == ["empty.JPEG", "notes.txt", "truncated.JPEG"]
-    assert manifest["num_bad_images"] == 3 and manifest["num_samples"] == 12
+    assert bad == ["empty.JPEG", "truncated.JPEG"]  # empty: no header; truncated: found when decoded
+    assert manifest["num_bad_images"] == 2 and manifest["num_samples"] == 12
     warnings = capsys.readouterr().err
     assert all(name in warnings for name in bad)
     assert read_beton(out)[1].tolist() == [0] * 6 + [1] * 6
@@ -193,8 +249,39 @@ def test_unreadable_images_are_skipped_named_and_listed(tree_with_bad_files, tmp
 def test_too_many_unreadable_images_fail_the_run(tree_with_bad_files, tmp_path, capsys):
     out = tmp_path / "out.beton"
     err = cli_error(capsys, "imagefolder", f"--cfg.data_dir={tree_with_bad_files}", f"--cfg.write_path={out}")
-    assert "3 of 15 images are unreadable" in err
+    assert "1 of 14 images are unreadable" in err  # the empty file, found before any image is decoded
     assert not out.exists()
+
+
+def test_files_without_an_image_extension_are_ignored_not_unreadable(tmp_path):
+    make_imagenet_tree(str(tmp_path / "folder"), wnids=["n0000000a"], train_per_class=3, val_per_class=0,
+                       size=(40, 30))
+    (tmp_path / "folder" / "train" / "n0000000a" / "notes.txt").write_text("not an image")
+    manifest = run_cli("imagefolder", f"--cfg.data_dir={tmp_path / 'folder'}", "--cfg.num_workers=1",
+                       f"--cfg.write_path={tmp_path / 'o.beton'}")
+    assert manifest["num_samples"] == 3 and manifest["bad_images"] == []
+    assert manifest["num_ignored_files"] == 1 and manifest["ignored_files"][0].endswith("notes.txt")
+
+
+def test_writer_fsyncs_beton_and_manifest_before_renaming_them(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", os.fspath(a), os.fspath(b)))
+                        or real_replace(a, b))
+    path = str(tmp_path / "d.beton")
+    write_beton(make_images(2, 1), path, dataset="t", split="train", class_names=["a"], source="test", progress=False)
+    for final in (path, manifest_path(path)):
+        rename = events.index(("replace", final + ".partial", final))
+        assert ("fsync", final + ".partial") in events[:rename]
+        assert ("fsync", str(tmp_path)) in events[rename:]
+
+
+def test_removed_max_resolution_flag_names_its_replacement(tmp_path, capsys):
+    err = cli_error(capsys, "imagefolder", f"--cfg.data_dir={tmp_path}", "--cfg.max_resolution=256",
+                    f"--cfg.write_path={tmp_path / 'o.beton'}")
+    assert "cfg.max_resolution" in err and "cfg.short_side" in err
 
 
 @pytest.mark.parametrize("cli", ["imagenet100", "imagefolder", "cifar10", "cifar100", "stl10"])
@@ -256,6 +343,14 @@ def test_missing_imagenet_classes_exit_1_listing_them(tiny_imagenet_tree, tmp_pa
     assert "97 of the 100" in result.stderr and all(w in result.stderr for w in missing)
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_full_imagenet100_tree_with_other_totals_warns(tmp_path, capsys):
+    make_imagenet_tree(str(tmp_path / "in100"), wnids=imagenet100_class_list(), train_per_class=1, val_per_class=0,
+                       size=(16, 16))
+    run_cli("imagenet100", f"--cfg.data_dir={tmp_path / 'in100'}", f"--cfg.write_path={tmp_path / 'o.beton'}")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "ImageNet-100 has" in line]
+    assert len(warnings) == 1 and "100 train images" in warnings[0] and "126,689" in warnings[0]
 
 
 def test_prefiltered_imagenet100_tree_needs_no_flag(tmp_path):

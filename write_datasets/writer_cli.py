@@ -4,6 +4,7 @@ Not an entry point itself. The entry points run by path (`python write_datasets/
 puts this folder on sys.path, so they import it as `writer_cli`.
 """
 import os
+import sys
 
 from hjepa.beton import write_beton
 from hjepa.config import config_from_cli, format_config, save_config
@@ -29,18 +30,22 @@ def evenly_spaced(samples, subset):
     return [samples[i * len(samples) // subset] for i in range(subset)]
 
 
-def write_split(cfg, samples, *, dataset, class_names):
+def write_split(cfg, samples, *, dataset, class_names, ignored_files=()):
     """Write `samples` (read from cfg.data_dir) with the writer params of `cfg`; save the config as
-    <write_path>.params.json."""
+    <write_path>.params.json. ignored_files: non-image files the reader left out (listed in the manifest)."""
     split, write_path, source = cfg["cfg.split"], cfg["cfg.write_path"], cfg["cfg.data_dir"]
     samples = evenly_spaced(samples, cfg["cfg.subset"])
     print(f"{dataset} {split}: {len(samples)} images in {len(class_names)} classes from {source}", flush=True)
+    if ignored_files:
+        print(f"note: ignored {len(ignored_files)} files without an image extension (listed in the manifest), "
+              f"first: {ignored_files[0]}", file=sys.stderr)
     manifest = write_beton(
         samples, write_path, dataset=dataset, split=split, class_names=class_names,
-        source=os.path.abspath(source), max_resolution=cfg["cfg.max_resolution"],
+        source=os.path.abspath(source), short_side=cfg["cfg.short_side"], max_side=cfg["cfg.max_side"],
         jpeg_quality=cfg["cfg.jpeg_quality"], write_mode=cfg["cfg.write_mode"],
         compress_probability=cfg["cfg.compress_probability"], num_workers=cfg["cfg.num_workers"],
-        chunk_size=cfg["cfg.chunk_size"], max_bad_fraction=cfg["cfg.max_bad_fraction"])
+        chunk_size=cfg["cfg.chunk_size"], max_bad_fraction=cfg["cfg.max_bad_fraction"],
+        ignored_files=ignored_files)
     save_config(cfg, write_path + ".params.json", sections=["cfg"])
     if manifest["num_bad_images"]:
         print(f"skipped {manifest['num_bad_images']} unreadable images (listed in the manifest)")
