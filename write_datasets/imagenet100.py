@@ -11,10 +11,9 @@ in that list. On real data: 126,689 train and 5,000 val images. Missing classes 
 listing them) unless --cfg.allow_missing_classes=1. ImageNet is never downloaded.
 Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this config).
 """
-from writer_cli import write_split, writer_config
-
 from hjepa.errors import exit_on_user_error
 from hjepa.sources import imagenet100_class_list, imagenet_samples
+from hjepa.writers import write_split, writer_config
 
 
 @exit_on_user_error
