@@ -367,7 +367,8 @@ def load_config(config_files=(), overrides=None, argv=None):
     """Build, check and return a fresh fastargs Config (also made the current one for @param).
 
     Precedence: defaults < config files (in order, each after the files it inherits) < overrides <
-    argv. Never reads sys.argv or the environment by itself. Raises UserError for an unknown key or an invalid value.
+    argv. Never reads sys.argv or the environment by itself. Raises UserError for an unknown key or
+    an invalid value.
     """
     if isinstance(config_files, str):
         config_files = [config_files]
