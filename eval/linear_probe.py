@@ -87,7 +87,7 @@ def default_path(cfg, folder_name):
 @exit_on_user_error
 def main(argv=None):
     cfg = config_from_cli(__doc__, argv, reads=READS)
-    print(format_config(cfg, sections=["eval"]), flush=True)
+    print(format_config(cfg, READS), flush=True)
     for key in ("eval.train_dataset", "eval.val_dataset"):
         if not cfg[key]:
             raise UserError(f"{key} is empty: give --{key}=PATH.beton")
@@ -154,7 +154,7 @@ def main(argv=None):
         "timings_s": {"train_features": round(train_s, 2), "val_features": round(val_s, 2),
                       "probe": round(probe_s, 2), "knn": round(knn_s, 2)},
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "config": config_as_dict(cfg, ["eval", "model", "data"]),
+        "config": config_as_dict(cfg, READS),
     }
     out = cfg["eval.out"] or default_path(cfg, f"probe_{result['dataset']}_{encoder_name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
