@@ -15,10 +15,7 @@ bench.batch_size, and (a), (b) the same crop (data.image_size, scale data.crop_s
 """
 import json
 import os
-import sys
 import time
-
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run by path from anywhere
 
 import cv2
 import numpy as np
@@ -36,6 +33,8 @@ from hjepa.sources import image_folder_samples
 from hjepa.synthetic import make_imagenet_tree
 
 NUM_SYNTHETIC_CLASSES = 10
+READS = ("bench", "data.image_size", "data.crop_scale_min", "data.crop_scale_max", "data.flip",
+         "cfg.max_resolution", "cfg.jpeg_quality")
 
 
 def image_folder(data_dir, num_images, work_dir, num_workers):
@@ -162,8 +161,8 @@ def decode_ceiling_img_s(beton, *, num_workers, repeats=2):
 
 @exit_on_user_error
 def main(argv=None):
-    cfg = config_from_cli(__doc__, argv)
-    print(format_config(cfg, ["bench", "data", "cfg"]), flush=True)
+    cfg = config_from_cli(__doc__, argv, reads=READS)
+    print(format_config(cfg, READS), flush=True)
     out = cfg["bench.out"]
     if not out:
         raise UserError("bench.out is empty: pass --bench.out=FILE.json")
@@ -225,7 +224,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
-    save_config(cfg, out + ".params.json", sections=("bench", "data", "cfg"))
+    save_config(cfg, out + ".params.json", sections=READS)
     print(f"wrote {out}")
     return results
 

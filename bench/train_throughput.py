@@ -9,30 +9,29 @@ device events on CUDA (synchronised once per timed window), wall clock on the CP
 """
 import json
 import os
-import sys
 import time
-
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run by path from anywhere
 
 import torch
 
 from hjepa import schedules
-from hjepa.config import config_as_dict, config_from_cli, format_config
+from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_kwargs, model_kwargs,
+                          train_loader_kwargs)
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import exit_on_user_error
 from hjepa.runlog import cpu_model
 from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
-from hjepa.parallel import Dist, resolve_device
-from hjepa.train import build_loader, mask_kwargs, model_kwargs
-from hjepa.data import normalize_images
+from hjepa.parallel import resolve_device
+from hjepa.data import build_train_loader, normalize_images
+
+READS = ("data", "model", "masking", "hardware", "bench")
 
 
 def batches_forever(cfg):
     """uint8 (B, 3, H, W) CPU batches: the real train loader looped over epochs, or one fixed random batch."""
     if cfg["data.train_dataset"]:
-        loader = build_loader(cfg, Dist())
+        loader = build_train_loader(**train_loader_kwargs(cfg), distributed=False, drop_last=True)
         epoch = 0
         try:
             while True:
@@ -50,8 +49,8 @@ def batches_forever(cfg):
 
 @exit_on_user_error
 def main(argv=None):
-    cfg = config_from_cli(__doc__, argv)
-    print(format_config(cfg, ["data", "model", "hardware", "bench"]))
+    cfg = config_from_cli(__doc__, argv, reads=READS)
+    print(format_config(cfg, READS))
     device = resolve_device(cfg["hardware.device"])
     # Importing ffcv sets torch's threads to 1 (its Compiler couples them to numba's): set them here.
     torch.set_num_threads(cfg["hardware.num_threads"] or os.cpu_count() or 1)
@@ -103,7 +102,7 @@ def main(argv=None):
         "batch_size": batch, "steps": steps, "warmup_steps": warmup,
         "compile": cfg["hardware.compile"], "amp": str(amp_dtype),
         "num_workers": cfg["data.num_workers"],
-        "config": config_as_dict(cfg, ["data", "model", "masking", "hardware", "bench"]),
+        "config": config_as_dict(cfg, READS),
     }
     rows = [("images/s", f"{images_per_s:,.1f}"), ("step time (ms)", f"{result['step_time_ms']:.1f}"),
             ("MFU", f"{100 * result['mfu']:.2f}% of {result['peak_tflops']} TFLOP/s"),

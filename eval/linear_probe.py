@@ -3,6 +3,7 @@
     python eval/linear_probe.py --eval.checkpoint=runs/RUN/checkpoint.pt \
         --eval.train_dataset=data/imagenet100_train.beton --eval.val_dataset=data/imagenet100_val.beton
     python eval/linear_probe.py --eval.random_init=1 --model.arch=vit_small --data.image_size=224 ...
+    python -m eval.linear_probe ...   # the same, from the repository root
 
 Features (average-pooled tokens of the target encoder, or --eval.encoder=context) are extracted once
 through the eval FFCV pipeline and cached in --eval.cache_dir (default <checkpoint dir>/features);
@@ -12,37 +13,25 @@ Prints a table and writes JSON to --eval.out (default <checkpoint dir>/probe_<da
 import datetime
 import json
 import os
-import sys
 import time
-
-if __package__ in (None, ""):  # run by path: make the repository root importable
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
 from hjepa import probe
 from hjepa.beton import read_manifest
-from hjepa.checkpoint import load_checkpoint, load_state_strict
+from hjepa.checkpoint import encoder_from_checkpoint, load_training_checkpoint
 from hjepa.config import config_as_dict, config_from_cli, format_config
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.vit import build_encoder
 
 CACHE_VERSION = 2  # 2: labels copied out of FFCV's reused buffers (v1 caches hold wrong labels); bump when extraction changes what a cached feature means
+READS = ("eval", "model.arch", "model.patch_size", "data.image_size", "data.in_memory", "logging.progress")
 
 
 def encoder_spec(cfg):
     """(checkpoint dict or None, model_config) for the encoder to probe."""
-    path = cfg["eval.checkpoint"]
-    if path:
-        ckpt = load_checkpoint(path)
-        missing = [k for k in ("model_config", "context_encoder", "target_encoder") if k not in ckpt]
-        if missing:
-            raise UserError(f"{path} lacks {', '.join(missing)}: not a training checkpoint")
-        model_config = ckpt["model_config"]
-        absent = [k for k in ("arch", "patch_size", "image_size") if k not in model_config]
-        if absent:
-            raise UserError(f"{path}: model_config lacks {', '.join(absent)}")
-        return ckpt, model_config
+    if cfg["eval.checkpoint"]:
+        return load_training_checkpoint(cfg["eval.checkpoint"])
     if not cfg["eval.random_init"]:
         raise UserError("eval.checkpoint is empty: give --eval.checkpoint=PATH, or --eval.random_init=1 "
                         "for an untrained encoder of --model.arch")
@@ -53,19 +42,10 @@ def encoder_spec(cfg):
 def build_frozen_encoder(cfg, ckpt, model_config, image_size):
     """The encoder to probe, in eval mode; random weights seeded by eval.seed when random_init."""
     torch.manual_seed(cfg["eval.seed"])
-    encoder = build_encoder(model_config["arch"], patch_size=model_config["patch_size"], image_size=image_size)
-    if not cfg["eval.random_init"]:
-        role = f"{cfg['eval.encoder']}_encoder"
-        state = dict(ckpt[role])
-        trained_grid = model_config["image_size"] // model_config["patch_size"]
-        pos_embed = state.get("pos_embed")
-        if image_size != model_config["image_size"] and pos_embed is not None \
-                and pos_embed.shape[1] == trained_grid ** 2:
-            # hjepa.vit's pos_embed is a fixed sin-cos buffer, a function of the grid size only:
-            # probing at another resolution takes the one built for the new grid.
-            state["pos_embed"] = encoder.pos_embed
-        load_state_strict(encoder, state, f"{role} (recorded as {model_config['arch']}, patch "
-                                          f"{model_config['patch_size']})", cfg["eval.checkpoint"])
+    if cfg["eval.random_init"]:
+        encoder = build_encoder(model_config["arch"], patch_size=model_config["patch_size"], image_size=image_size)
+    else:
+        encoder = encoder_from_checkpoint(ckpt, cfg["eval.encoder"], cfg["eval.checkpoint"], image_size=image_size)
     return encoder.eval().requires_grad_(False)
 
 
@@ -106,8 +86,8 @@ def default_path(cfg, folder_name):
 
 @exit_on_user_error
 def main(argv=None):
-    cfg = config_from_cli(__doc__, argv)
-    print(format_config(cfg, sections=["eval"]), flush=True)
+    cfg = config_from_cli(__doc__, argv, reads=READS)
+    print(format_config(cfg, READS), flush=True)
     for key in ("eval.train_dataset", "eval.val_dataset"):
         if not cfg[key]:
             raise UserError(f"{key} is empty: give --{key}=PATH.beton")
@@ -174,7 +154,7 @@ def main(argv=None):
         "timings_s": {"train_features": round(train_s, 2), "val_features": round(val_s, 2),
                       "probe": round(probe_s, 2), "knn": round(knn_s, 2)},
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "config": config_as_dict(cfg, ["eval", "model", "data"]),
+        "config": config_as_dict(cfg, READS),
     }
     out = cfg["eval.out"] or default_path(cfg, f"probe_{result['dataset']}_{encoder_name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -13,6 +13,7 @@ import re
 import torch
 
 from hjepa.errors import UserError
+from hjepa.vit import build_encoder
 
 FORMAT = "hjepa-checkpoint-v1"
 MODEL_PARTS = ("context_encoder", "target_encoder", "predictor", "level_heads")
@@ -36,6 +37,38 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an hjepa checkpoint (no '{FORMAT}' format tag)")
     return ckpt
+
+
+def load_training_checkpoint(path):
+    """(checkpoint, model_config) of a checkpoint train.py wrote; one-line errors for anything else."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("model_config", "context_encoder", "target_encoder") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a training checkpoint")
+    model_config = ckpt["model_config"]
+    absent = [k for k in ("arch", "patch_size", "image_size") if k not in model_config]
+    if absent:
+        raise UserError(f"{path}: model_config lacks {', '.join(absent)}")
+    return ckpt, model_config
+
+
+def encoder_from_checkpoint(ckpt, role, path, image_size=None):
+    """The `role` ('target' or 'context') encoder of a training checkpoint, with its weights, for
+    square `image_size` px images (default: the training size). `path` only names the file in errors."""
+    model_config = ckpt["model_config"]
+    image_size = image_size or model_config["image_size"]
+    encoder = build_encoder(model_config["arch"], patch_size=model_config["patch_size"], image_size=image_size)
+    key = f"{role}_encoder"
+    state = dict(ckpt[key])
+    trained_grid = model_config["image_size"] // model_config["patch_size"]
+    pos_embed = state.get("pos_embed")
+    if image_size != model_config["image_size"] and pos_embed is not None and pos_embed.shape[1] == trained_grid ** 2:
+        # hjepa.vit's pos_embed is a fixed sin-cos buffer, a function of the grid size only:
+        # another resolution takes the one built for its grid.
+        state["pos_embed"] = encoder.pos_embed
+    load_state_strict(encoder, state, f"{key} (recorded as {model_config['arch']}, patch "
+                                      f"{model_config['patch_size']})", path)
+    return encoder
 
 
 def architecture_differences(expected_config, found_config):

@@ -1,10 +1,12 @@
 """Every fastargs Section of the project, and the strictness fastargs 1.2.0 lacks.
 
 fastargs silently ignores unknown keys, reads `bool("False")` as True, exits with status 0 on a
-validation failure and reads `sys.argv` itself (see ../shared/notes/stack.md). `load_config` fixes all
-four: unknown keys are errors naming the closest valid key, booleans accept only 0/1/true/false,
-validation failures raise `UserError` (exit status 1 at the entry points), and tests pass arguments
-explicitly. Library code never reads the config: entry points and `build_*` functions do.
+validation failure and reads `sys.argv` itself. `load_config` fixes all four: unknown keys are errors
+naming the closest valid key, booleans accept only 0/1/true/false, validation failures raise
+`UserError` (exit status 1 at the entry points), and tests pass arguments explicitly. Config files
+layer: a file may name the files it builds on (`inherit: base.yaml`) and hold only what differs, and
+`--config-file` may be repeated; later layers win. Library code never reads the config: entry points
+and `build_*` functions do, and each entry point names the keys it reads (its `--help` lists those).
 """
 import difflib
 import json
@@ -215,7 +217,7 @@ def _declare_sections(cfg):
         progress=_p(Boolean(), "progress bars", default=True),
         plots=_p(Boolean(), "draw PNG curves and mask grids into the run folder", default=True),
     )
-    section("eval", "linear probe and k-NN of a frozen encoder").params(
+    section("eval", "linear probe, k-NN and export of a frozen encoder").params(
         checkpoint=_p(Text(), "training checkpoint (.pt)", default=""),
         train_dataset=_p(Text(), "beton the probe is trained on", default=""),
         val_dataset=_p(Text(), "beton the probe is evaluated on", default=""),
@@ -232,7 +234,8 @@ def _declare_sections(cfg):
         knn_k=_p(Integer(1), "neighbours for k-NN", default=20),
         knn_temperature=_p(Number(0.0), "k-NN vote temperature", default=0.07),
         cache_dir=_p(Text(), "feature cache folder; empty = next to the checkpoint", default=""),
-        out=_p(Text(), "results JSON; empty = next to the checkpoint", default=""),
+        out=_p(Text(), "output: the probe's results JSON, the export's .safetensors; empty = next to the checkpoint",
+                default=""),
         seed=_p(Integer(0), "probe seed", default=0),
     )
     section("bench", "benchmarks").params(
@@ -305,6 +308,7 @@ def _check_known(cfg, flat, where):
 
 
 def _read_config_file(path):
+    """The mapping a YAML (or JSON) config file holds, unflattened; {} for an empty file."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     with open(path) as f:
@@ -316,7 +320,33 @@ def _read_config_file(path):
         return {}
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
-    return _flatten(tree)
+    return tree
+
+
+def config_layers(path, _chain=()):
+    """[(file, {key: value})] of a config file and every file it inherits, parents first.
+
+    `inherit: parent.yaml` (or a list of files) names files relative to the inheriting one; each file
+    appears once, at its first position, so a parent shared by two branches is not applied twice.
+    """
+    if os.path.realpath(path) in [os.path.realpath(p) for p in _chain]:
+        raise UserError("config files inherit in a cycle: " + " -> ".join([*_chain, path]))
+    tree = dict(_read_config_file(path))
+    parents = tree.pop("inherit", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
+        raise UserError(f"config file {path}: inherit must be a file path or a list of file paths")
+    layers, seen = [], set()
+    for parent in parents:
+        parent_path = os.path.join(os.path.dirname(path), parent)
+        if not os.path.isfile(parent_path):
+            raise UserError(f"config file {parent_path} (inherited by {path}) not found")
+        for layer in config_layers(parent_path, (*_chain, path)):
+            if os.path.realpath(layer[0]) not in seen:
+                seen.add(os.path.realpath(layer[0]))
+                layers.append(layer)
+    return layers + [(path, _flatten(tree))]
 
 
 def parse_argv(argv):
@@ -348,8 +378,9 @@ def parse_argv(argv):
 def load_config(config_files=(), overrides=None, argv=None):
     """Build, check and return a fresh fastargs Config (also made the current one for @param).
 
-    Precedence: defaults < config files (in order) < overrides < argv. Never reads sys.argv or the
-    environment by itself. Raises UserError for an unknown key or an invalid value.
+    Precedence: defaults < config files (in order, each after the files it inherits) < overrides <
+    argv. Never reads sys.argv or the environment by itself. Raises UserError for an unknown key or
+    an invalid value.
     """
     if isinstance(config_files, str):
         config_files = [config_files]
@@ -361,9 +392,9 @@ def load_config(config_files=(), overrides=None, argv=None):
     cfg = Config()
     _declare_sections(cfg)
     for path in config_files:
-        flat = _read_config_file(path)
-        _check_known(cfg, flat, path)
-        cfg.collect(flat)
+        for layer_path, flat in config_layers(path):
+            _check_known(cfg, flat, layer_path)
+            cfg.collect(flat)
     for where, flat in (("overrides", overrides or {}), ("command line", cli)):
         _check_known(cfg, flat, where)
         cfg.collect(flat)
@@ -384,28 +415,62 @@ def _validate(cfg):
         raise UserError("; ".join(problems))
 
 
-def config_from_cli(description, argv=None):
-    """Entry points: parse argv (sys.argv[1:] by default), handle --help, print the resolved table."""
-    argv = sys.argv[1:] if argv is None else argv
+def is_read(key, reads):
+    """Whether `key` ('section.param') is among `reads`: section names and/or full keys; None = all."""
+    return reads is None or any(key == r or key.startswith(r + ".") for r in reads)
+
+
+def help_text(description, reads=None):
+    """A tool's --help: its docstring, then the params it reads, grouped by section."""
+    cfg = Config()
+    _declare_sections(cfg)
+    lines = [description.rstrip(), "",
+             "usage: [--config-file FILE ...] [--section.param=value ...] [--print-config] [--help]",
+             "  --config-file FILE (or -C FILE) may repeat: later files win; a file may `inherit:` others.",
+             "  --print-config prints the merged config (YAML, loadable with --config-file) and exits."]
+    shown_section = None
+    for key in known_keys(cfg):
+        if not is_read(key, reads):
+            continue
+        path = tuple(key.split("."))
+        param = cfg.entries[path]
+        if path[0] != shown_section:
+            shown_section = path[0]
+            lines += ["", f"{shown_section}: {param.section.desc}"]
+        lines.append(f"  --{key:<34} {param.desc} [{param.checker.help()}; default {param.default!r}]")
+    return "\n".join(lines)
+
+
+def config_from_cli(description, argv=None, reads=None):
+    """Entry points: parse argv (sys.argv[1:] by default) and return the config.
+
+    `reads` names the sections and/or keys the tool reads: `--help` lists only those, and
+    `--print-config` prints their merged values as YAML; both exit with status 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        cfg = Config()
-        _declare_sections(cfg)
-        print(description + "\n\nusage: --config-file FILE --section.param=value ...\n")
-        for key in known_keys(cfg):
-            param = cfg.entries[tuple(key.split("."))]
-            print(f"  --{key:<34} {param.desc} [{param.checker.help()}; default {param.default!r}]")
+        print(help_text(description, reads))
+        sys.exit(0)
+    if "--print-config" in argv:
+        cfg = load_config(argv=[a for a in argv if a != "--print-config"])
+        print(config_yaml(cfg, reads), end="")
         sys.exit(0)
     return load_config(argv=argv)
 
 
 def config_as_dict(cfg, sections=None):
-    """The resolved config as {section: {param: value}}, optionally only some sections."""
+    """The resolved config as {section: {param: value}}, optionally only some sections or keys."""
     tree = {}
     for path in cfg.entries:
-        if sections is not None and path[0] not in sections:
+        if sections is not None and not is_read(".".join(path), sections):
             continue
         tree.setdefault(path[0], {})[".".join(path[1:])] = cfg[path]
     return tree
+
+
+def config_yaml(cfg, sections=None):
+    """The resolved config as YAML that --config-file reads back to the same values."""
+    return yaml.safe_dump(config_as_dict(cfg, sections), sort_keys=False, default_flow_style=False)
 
 
 def format_config(cfg, sections=None):
@@ -421,3 +486,38 @@ def save_config(cfg, path, sections=None):
     with open(tmp, "w") as f:
         json.dump(config_as_dict(cfg, sections), f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections to the keyword arguments of the library's builders (one place, shared by every entry point)
+
+
+def model_kwargs(cfg):
+    """hjepa.model.build_model's arguments from the model section (and data.image_size)."""
+    m = "model."
+    return dict(arch=cfg[m + "arch"], patch_size=cfg[m + "patch_size"], image_size=cfg["data.image_size"],
+                predictor_embed_dim=cfg[m + "predictor_embed_dim"], predictor_depth=cfg[m + "predictor_depth"],
+                predictor_num_heads=cfg[m + "predictor_num_heads"], num_levels=cfg[m + "num_levels"],
+                level_weights=cfg[m + "level_weights"], level_depths=cfg[m + "level_depths"],
+                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"])
+
+
+def mask_kwargs(cfg):
+    """hjepa.masks.sample_masks' shape arguments from the masking section."""
+    k = "masking."
+    return dict(num_targets=cfg[k + "num_targets"],
+                target_scale=(cfg[k + "target_scale_min"], cfg[k + "target_scale_max"]),
+                target_aspect=(cfg[k + "target_aspect_min"], cfg[k + "target_aspect_max"]),
+                context_scale=(cfg[k + "context_scale_min"], cfg[k + "context_scale_max"]),
+                context_aspect=cfg[k + "context_aspect"], allow_overlap=cfg[k + "allow_overlap"],
+                min_keep=cfg[k + "min_keep"])
+
+
+def train_loader_kwargs(cfg):
+    """hjepa.data.build_train_loader's arguments from the data section (the caller adds distributed, drop_last)."""
+    return dict(
+        path=cfg["data.train_dataset"], batch_size=cfg["data.batch_size"], num_workers=cfg["data.num_workers"],
+        image_size=cfg["data.image_size"], crop_scale=(cfg["data.crop_scale_min"], cfg["data.crop_scale_max"]),
+        flip=cfg["data.flip"], color_jitter=cfg["data.color_jitter"], in_memory=cfg["data.in_memory"],
+        order=cfg["data.order"], seed=cfg["data.seed"], mixture=cfg["data.mixture"] or None,
+        epoch_samples=cfg["data.epoch_samples"])

@@ -1,6 +1,7 @@
 """Pretrain an H-JEPA model on a .beton written by write_datasets/.
 
     python hjepa/train.py --config-file rn_configs/a100_100ep.yaml [--data.train_dataset=PATH ...]
+    python -m hjepa.train --config-file rn_configs/h100_100ep.yaml --print-config   # the merged config
     torchrun --nproc_per_node=8 hjepa/train.py --config-file rn_configs/a100_100ep.yaml --hardware.distributed=1
 
 Writes a run folder <logging.folder>/<time>-<id> (or <logging.run_name>) with params.json,
@@ -13,15 +14,13 @@ import signal
 import sys
 from dataclasses import dataclass
 
-if __package__ in (None, ""):  # run by path: `python hjepa/train.py` puts hjepa/ itself on sys.path
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import torch
 from tqdm import tqdm
 
 from hjepa import checkpoint as ckpt_io
 from hjepa import schedules
-from hjepa.config import config_as_dict, config_from_cli, format_config, save_config
+from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_kwargs, model_kwargs, save_config,
+                          train_loader_kwargs)
 from hjepa.data import build_eval_loader, build_train_loader, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import UserError, exit_on_user_error
@@ -39,32 +38,8 @@ from hjepa.sampler import expected_counts_table
 TRAIN_SECTIONS = ("data", "model", "masking", "optim", "training", "hardware", "logging")
 
 
-def model_kwargs(cfg):
-    m = "model."
-    return dict(arch=cfg[m + "arch"], patch_size=cfg[m + "patch_size"], image_size=cfg["data.image_size"],
-                predictor_embed_dim=cfg[m + "predictor_embed_dim"], predictor_depth=cfg[m + "predictor_depth"],
-                predictor_num_heads=cfg[m + "predictor_num_heads"], num_levels=cfg[m + "num_levels"],
-                level_weights=cfg[m + "level_weights"], level_depths=cfg[m + "level_depths"],
-                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"])
-
-
-def mask_kwargs(cfg):
-    k = "masking."
-    return dict(num_targets=cfg[k + "num_targets"],
-                target_scale=(cfg[k + "target_scale_min"], cfg[k + "target_scale_max"]),
-                target_aspect=(cfg[k + "target_aspect_min"], cfg[k + "target_aspect_max"]),
-                context_scale=(cfg[k + "context_scale_min"], cfg[k + "context_scale_max"]),
-                context_aspect=cfg[k + "context_aspect"], allow_overlap=cfg[k + "allow_overlap"],
-                min_keep=cfg[k + "min_keep"])
-
-
 def build_loader(cfg, info):
-    return build_train_loader(
-        cfg["data.train_dataset"], batch_size=cfg["data.batch_size"], num_workers=cfg["data.num_workers"],
-        image_size=cfg["data.image_size"], crop_scale=(cfg["data.crop_scale_min"], cfg["data.crop_scale_max"]),
-        flip=cfg["data.flip"], color_jitter=cfg["data.color_jitter"], in_memory=cfg["data.in_memory"],
-        order=cfg["data.order"], seed=cfg["data.seed"], mixture=cfg["data.mixture"] or None,
-        epoch_samples=cfg["data.epoch_samples"], distributed=info.enabled, drop_last=True)
+    return build_train_loader(**train_loader_kwargs(cfg), distributed=info.enabled, drop_last=True)
 
 
 def build_monitor_loaders(cfg, train_loader, build=True):
@@ -89,7 +64,7 @@ def build_monitor_loaders(cfg, train_loader, build=True):
 
 @exit_on_user_error
 def main(argv=None):
-    cfg = config_from_cli(__doc__, argv)
+    cfg = config_from_cli(__doc__, argv, reads=TRAIN_SECTIONS)
     info, device = init_distributed(cfg["hardware.distributed"], cfg["hardware.device"])
     try:
         return run(cfg, info, device)

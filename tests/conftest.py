@@ -16,6 +16,10 @@ from hjepa.sources import imagenet100_class_list
 from hjepa.synthetic import make_images, make_imagenet_tree
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Entry points run by path in subprocesses (`python hjepa/train.py`) import the installed hjepa: make that
+# this checkout (pyproject's pytest `pythonpath` does the same for this process), whichever checkout
+# the environment's editable install points at.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

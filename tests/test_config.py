@@ -1,4 +1,4 @@
-"""The strictness hjepa.config adds on top of fastargs 1.2.0 (see ../shared/notes/stack.md)."""
+"""The strictness hjepa.config adds on top of fastargs 1.2.0, layered config files, and what entry points show."""
 import re
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hjepa.config import config_as_dict, load_config, parse_argv, save_config
+from hjepa.config import config_as_dict, config_from_cli, help_text, load_config, parse_argv, save_config
 from hjepa.errors import UserError, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +121,87 @@ def test_environment_yml_lists_the_same_packages_as_pyproject():
     conda_names = {"pytorch": "torch"}
     listed = {conda_names.get(name, name) for name in listed}
     assert wanted <= listed, f"environment.yml lacks {sorted(wanted - listed)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Layered config files
+
+
+def test_a_file_inherits_its_parent_and_overrides_only_what_it_names(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  batch_size: 32\n  image_size: 64\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("inherit: ../base.yaml\ndata:\n  batch_size: 8\n")
+    cfg = load_config(config_files=[str(tmp_path / "sub" / "child.yaml")])
+    assert (cfg["data.batch_size"], cfg["data.image_size"]) == (8, 64)
+
+
+def test_repeated_config_files_apply_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  batch_size: 32\n  image_size: 64\n")
+    (tmp_path / "b.yaml").write_text("data:\n  batch_size: 8\n")
+    cfg = load_config(argv=["-C", str(tmp_path / "a.yaml"), "--config-file", str(tmp_path / "b.yaml")])
+    assert (cfg["data.batch_size"], cfg["data.image_size"]) == (8, 64)
+
+
+def test_a_parent_shared_by_two_branches_is_applied_once_first(tmp_path):
+    (tmp_path / "root.yaml").write_text("data:\n  batch_size: 32\n  image_size: 64\n")
+    (tmp_path / "left.yaml").write_text("inherit: root.yaml\ndata:\n  batch_size: 8\n")
+    (tmp_path / "right.yaml").write_text("inherit: root.yaml\ndata:\n  image_size: 96\n")
+    (tmp_path / "both.yaml").write_text("inherit: [left.yaml, right.yaml]\n")
+    cfg = load_config(config_files=[str(tmp_path / "both.yaml")])
+    assert (cfg["data.batch_size"], cfg["data.image_size"]) == (8, 96)
+
+
+def test_unknown_key_in_an_inherited_file_names_that_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  weight_decy: 0.1\n")
+    (tmp_path / "child.yaml").write_text("inherit: base.yaml\n")
+    with pytest.raises(UserError, match=r"'optim\.weight_decy' in .*base\.yaml.*'optim\.weight_decay'"):
+        load_config(config_files=[str(tmp_path / "child.yaml")])
+
+
+def test_an_inherit_cycle_is_one_error_naming_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    with pytest.raises(UserError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(config_files=[str(tmp_path / "a.yaml")])
+
+
+def test_a_missing_parent_is_one_error_naming_both_files(tmp_path):
+    (tmp_path / "child.yaml").write_text("inherit: gone.yaml\n")
+    with pytest.raises(UserError, match=r"gone\.yaml \(inherited by .*child\.yaml\) not found"):
+        load_config(config_files=[str(tmp_path / "child.yaml")])
+
+
+@pytest.mark.parametrize("name", ["h100_100ep.yaml", "multi_dataset_100ep.yaml"])
+def test_shipped_variants_inherit_the_complete_a100_recipe(name):
+    tree = yaml.safe_load((ROOT / "rn_configs" / name).read_text())
+    assert tree["inherit"] == "a100_100ep.yaml"
+    own = {f"{s}.{k}" for s, params in tree.items() if s != "inherit" for k in params}
+    base = config_as_dict(load_config(config_files=[str(ROOT / "rn_configs" / "a100_100ep.yaml")]))
+    merged = config_as_dict(load_config(config_files=[str(ROOT / "rn_configs" / name)]))
+    differing = {f"{s}.{k}" for s in merged for k in merged[s] if merged[s][k] != base[s][k]}
+    assert differing and differing <= own
+
+
+# ----------------------------------------------------------------------------------------------
+# What an entry point shows: --help, --print-config
+
+
+def test_help_lists_only_the_sections_and_keys_a_tool_reads():
+    text = help_text("Train.", reads=("data", "model"))
+    assert "--data.batch_size" in text and "--model.arch" in text
+    assert "--optim." not in text and "--eval." not in text and "--cfg." not in text
+    probe_text = help_text("Probe.", reads=("eval", "model.arch"))
+    assert "--model.arch" in probe_text and "--model.patch_size" not in probe_text
+
+
+def test_print_config_is_yaml_that_loads_back_to_the_same_values(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text("model:\n  level_weights: '1.0,0.5'\n  num_levels: 2\n")
+    argv = ["-C", str(tmp_path / "base.yaml"), "--data.batch_size=8", "--print-config"]
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_cli("Tool.", argv, reads=("data", "model"))
+    assert exit_info.value.code == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    printed = yaml.safe_load((tmp_path / "printed.yaml").read_text())
+    assert set(printed) == {"data", "model"}
+    expected = config_as_dict(load_config(argv=argv[:-1]), ("data", "model"))
+    assert config_as_dict(load_config(config_files=[str(tmp_path / "printed.yaml")]), ("data", "model")) == expected

@@ -13,8 +13,7 @@ Interruptions: real `python hjepa/train.py` processes get SIGINT, SIGTERM or SIG
 deterministic 32 px vit_micro of tests/test_train.py, so a resumed run is compared bit for bit with
 one that was not interrupted. The loader soak (item 5) is in tests/test_soak.py.
 """
-import functools
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 import os
@@ -205,21 +204,9 @@ IN_A_PROCESS = ["train-resume-checkpoint-with-code", "probe-checkpoint-with-code
                 "train-bench-beton-with-its-table-cut-off", "multi-truncated-member"]
 
 
-@functools.lru_cache(maxsize=None)
 def entry_point(script):
-    """main() of a script that runs by path (`python bench/x.py`), imported with sys.path restored after."""
-    if script == "hjepa/train.py":
-        return train_module.main
-    saved = list(sys.path)
-    sys.path.insert(0, os.path.join(REPO, os.path.dirname(script)))  # write_datasets/*.py import writer_cli
-    try:
-        name = "entry_" + re.sub(r"\W", "_", script)
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, script))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module.main
+    """main() of an entry point given by path (`bench/x.py`): the module `python -m bench.x` runs."""
+    return importlib.import_module(script.removesuffix(".py").replace("/", ".")).main
 
 
 def assert_one_error_line(stderr, fragments):

@@ -30,12 +30,9 @@ PYTHON = sys.executable
 
 
 def run_cli(name, *args):
-    """Run write_datasets/<name>.py's main in this process (as `python write_datasets/<name>.py`
-    would, with that folder on sys.path); return its manifest."""
-    folder = os.path.join(REPO_ROOT, "write_datasets")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(name).main(list(args))
+    """Run write_datasets/<name>.py's main in this process (what `python -m write_datasets.<name>` runs);
+    return its manifest."""
+    return importlib.import_module(f"write_datasets.{name}").main(list(args))
 
 
 def cli_error(capsys, name, *args):

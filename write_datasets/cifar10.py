@@ -10,10 +10,9 @@ plain containers are unpickled. Missing files: the error says what to put where,
 --cfg.download=1 to fetch the official archive into data_dir.
 Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this config).
 """
-from writer_cli import write_split, writer_config
-
 from hjepa.errors import exit_on_user_error
 from hjepa.sources import cifar_samples, download
+from hjepa.writers import write_split, writer_config
 
 
 @exit_on_user_error

@@ -13,10 +13,9 @@ Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this conf
 """
 import os
 
-from writer_cli import write_split, writer_config
-
 from hjepa.errors import exit_on_user_error
 from hjepa.sources import image_folder_samples
+from hjepa.writers import write_split, writer_config
 
 
 @exit_on_user_error

@@ -15,10 +15,9 @@ Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this conf
 """
 import sys
 
-from writer_cli import write_split, writer_config
-
 from hjepa.errors import exit_on_user_error
 from hjepa.sources import IMAGENET100_SPLIT_SIZES, imagenet100_class_list, imagenet_samples
+from hjepa.writers import write_split, writer_config
 
 
 @exit_on_user_error

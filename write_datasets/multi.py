@@ -10,11 +10,10 @@ given in the manifest's "members" (name, index_start, index_end, num_samples, so
 Stored image bytes are copied as they are (no decode/re-encode). Every member needs its manifest.
 Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this config).
 """
-from writer_cli import writer_config
-
 from hjepa.beton import combine_betons, parse_members
 from hjepa.config import save_config
 from hjepa.errors import exit_on_user_error
+from hjepa.writers import writer_config
 
 
 @exit_on_user_error

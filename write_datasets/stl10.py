@@ -10,10 +10,9 @@ labels 1..10 become 0..9 and unlabeled images get -1. Missing files: the error s
 where, or pass --cfg.download=1 to fetch the official archive (2.6 GB) into data_dir.
 Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this config).
 """
-from writer_cli import write_split, writer_config
-
 from hjepa.errors import exit_on_user_error
 from hjepa.sources import download, stl10_samples
+from hjepa.writers import write_split, writer_config
 
 
 @exit_on_user_error

@@ -1,7 +1,8 @@
 """Glue shared by the write_datasets/*.py entry points: config in; beton, manifest and params out.
 
-Not an entry point itself. The entry points run by path (`python write_datasets/cifar10.py`), which
-puts this folder on sys.path, so they import it as `writer_cli`.
+Each entry point reads its source format (hjepa.sources) and hands the samples to `write_split`;
+everything else a writer does (the `cfg` section, the checks on write_path, subsets, the manifest and
+params.json beside the beton) lives here, once.
 """
 import os
 import sys
@@ -11,9 +12,12 @@ from hjepa.config import config_from_cli, format_config, save_config
 from hjepa.errors import UserError
 
 
+WRITER_READS = ("cfg",)
+
+
 def writer_config(description, argv):
     """Parse the command line, print the resolved `cfg` section, check write_path is set."""
-    cfg = config_from_cli(description, argv)
+    cfg = config_from_cli(description, argv, reads=WRITER_READS)
     print("config:\n" + format_config(cfg, ["cfg"]), flush=True)
     if not cfg["cfg.write_path"]:
         raise UserError("no output given: pass --cfg.write_path=<folder>/<name>.beton")

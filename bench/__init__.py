@@ -1,0 +1,1 @@
+"""Benchmarks: `python bench/<name>.py ...` or `python -m bench.<name> ...`; they print a table and write JSON."""

@@ -1,0 +1,1 @@
+"""Evaluation tools: `python eval/<name>.py ...` or `python -m eval.<name> ...`."""
