@@ -8,7 +8,7 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "bench", "device_check.sh")
-SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
+SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "train_vit_base", "short_run")
 
 
 def run_check(tmp_path, *args):
@@ -59,9 +59,10 @@ def test_training_sections_time_both_windows_and_count_compiled_graphs(smoke, se
     for window in ("device_batch", "loader_fed"):
         assert train[window]["img_s"] > 0
         assert 0.0 <= train[window]["data_wait_fraction"] < 1.0
-    # The smoke masks change token counts every step: dynamo compiles more than one graph in warm-up.
-    assert train["graphs_compiled_in_warmup"] >= 1 and train["recompiles_after_warmup"] >= 0
-    assert train["compiles"][0]["id"] == "0/0"
+    assert train["recompiles_after_warmup"] >= 0 and train["warmup_steps"] >= 2
+    if section == "train_vit_small":  # the smoke's second model has the first one's shapes: its graphs fit
+        # The masks change token counts from step to step: dynamo compiles more than one graph.
+        assert train["graphs_compiled_in_warmup"] >= 2 and train["compiles"][0]["id"] == "0/0"
     assert train["train_gflops_per_image"] > 0
 
 
