@@ -102,16 +102,22 @@ class Run:
             self.size[key] = getattr(args, key) or self.size[key]  # a command-line value wins
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                                    else args.device)
-        self.peak_tflops = peak_tflops(self.device, args.peak_tflops)
+        self.peak_tflops = None  # known once describe_device has run
         self.kept = {}  # what later sections reuse: the beton, the loader, the ViT-S trainer
         self.lock = threading.RLock()
-        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.results = {"meta": {"device": device_name, "peak_bf16_tflops": self.peak_tflops,
-                                 "torch": torch.__version__, "cuda": torch.version.cuda, "cpu_model": cpu_model(),
+        self.results = {"meta": {"device": self.device.type, "torch": torch.__version__, "cuda": torch.version.cuda, "cpu_model": cpu_model(),
                                  "cpu_count": os.cpu_count(), "git_commit": git_commit(REPO_ROOT),
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
                                  "sizes": self.size},
                         "targets": TARGETS, "sections": {}}
+
+    def describe_device(self):
+        """Name the device: on CUDA this creates the context, which the data section's forked workers must
+        not inherit, so it runs after that section."""
+        self.peak_tflops = peak_tflops(self.device, self.args.peak_tflops)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu ({cpu_model()})"
+        self.results["meta"].update(device=name, peak_bf16_tflops=self.peak_tflops)
+        self.say(f"device: {name}")
 
     def config(self, arch):
         overrides = dict(self.size["overrides"], **{"model.arch": arch})
@@ -630,11 +636,11 @@ def main(argv=None):
     run = Run(args)
     run.results["meta"]["default_recompile_limit"] = share_compile_cache()
     run.start_watchdog()
-    run.say(f"{run.results['meta']['device']}; budget {args.budget_s:.0f} s, hard limit {args.hard_limit_s:.0f} s; "
-            f"writing {args.out}")
-    wanted = set(args.sections.split(",")) | {"data"}
-    for name in SECTIONS:
-        if name in wanted:
+    run.say(f"budget {args.budget_s:.0f} s, hard limit {args.hard_limit_s:.0f} s from the start; writing {args.out}")
+    run.run("data", section_data)
+    run.describe_device()
+    for name in SECTIONS[1:]:
+        if name in args.sections.split(","):
             run.run(name, SECTION_FUNCTIONS[name])
     if "loader" in run.kept:
         run.kept["loader"].close()
