@@ -395,13 +395,18 @@ class Trainer:
         self.forward = torch.compile(self.model, backend=run.size["compile_backend"])  # as hjepa/train.py does
         self.amp_dtype = autocast_dtype(self.device, cfg["hardware.bf16"])
         self.masking, self.grid = mask_kwargs(cfg), self.model.grid_size
+        self.target_shapes_seen = set()  # (th, tw) of the masks stepped so far
 
     def new_optimizer(self):
         return build_optimizer(self.model, lr=self.cfg["optim.lr"], weight_decay=self.cfg["optim.weight_decay"],
                                betas=(self.cfg["optim.beta1"], self.cfg["optim.beta2"]))
 
+    def masks(self, step):
+        return sample_masks(batch_size=self.batch, grid_size=self.grid, seed=0, step=step, rank=0, **self.masking)
+
     def step(self, step, images, schedule=None):
-        masks = sample_masks(batch_size=images.shape[0], grid_size=self.grid, seed=0, step=step, rank=0, **self.masking)
+        masks = self.masks(step)
+        self.target_shapes_seen.add(masks.tgt_shape)
         x = normalize_images(images, self.device, self.amp_dtype or torch.float32)  # (B, 3, H, W)
         return train_step(self.model, self.forward, self.optimizer, x, masks_to_device(masks, self.device),
                           **(schedule or dict(lr=1e-4, weight_decay=0.05, momentum=0.996)), amp_dtype=self.amp_dtype)
@@ -452,24 +457,42 @@ def section_train(arch_index):
                    batch_size=trainer.batch, amp=str(trainer.amp_dtype), compile_backend=run.size["compile_backend"],
                    train_gflops_per_image=round(flops / 1e9, 2), peak_bf16_tflops=run.peak_tflops)
 
-        # Warm-up on a device-resident batch until `quiet` steps in a row compiled nothing new.
+        # Warm-up on a device-resident batch, as the trainer's first steps go, until `quiet` steps in a row
+        # compiled nothing new; then one step on the masks of each target-block shape that the steps to
+        # come (the timed windows; for ViT-S the short run too) hold and the warm-up did not, so that no
+        # compilation lands in a timed window. new_graph_steps says where the trainer itself compiles.
         side = cfg["data.image_size"]
         device_batch = torch.randint(0, 256, (trainer.batch, 3, side, side), dtype=torch.uint8,
                                      device=run.device).contiguous(memory_format=torch.channels_last)
         min_steps, quiet, max_steps = run.size["warmup"]
-        step, last_new, t0 = 0, 0, time.perf_counter()
-        while step < max_steps and not run.out_of_time():
+        step, last_new, new_graph_steps, t0 = 0, 0, [], time.perf_counter()
+
+        def warmup_step(at):
             before = compiled_graphs()
-            trainer.step(step, device_batch)
-            step += 1
+            trainer.step(at, device_batch)
             if compiled_graphs() != before:
-                last_new = step
-                run.say(f"  warm-up step {step}: {compiled_graphs() - graphs0} graphs compiled so far")
+                new_graph_steps.append(at)
+                run.say(f"  warm-up, step {at}: {compiled_graphs() - graphs0} graphs compiled so far")
+                return True
+            return False
+
+        while step < max_steps and not run.out_of_time():
+            last_new = step + 1 if warmup_step(step) else last_new
+            step += 1
             if step >= min_steps and step - last_new >= quiet:
                 break
+        horizon = step + 2 * run.size["timed_steps"] + (run.size["short_steps"] if arch_index == 0 else 0)
+        shapes_ahead = {}
+        for future in range(step, horizon):
+            shapes_ahead.setdefault(trainer.masks(future).tgt_shape, future)
+        extra = [at for shape, at in shapes_ahead.items() if shape not in trainer.target_shapes_seen]
+        for at in extra:
+            if not run.out_of_time():
+                warmup_step(at)
         run.sync()
         run.record(warmup_steps=step, warmup_s=round(time.perf_counter() - t0, 1),
-                   graphs_compiled_in_warmup=compiled_graphs() - graphs0, warmup_cut_short=step - last_new < quiet,
+                   graphs_compiled_in_warmup=compiled_graphs() - graphs0, new_graph_steps=new_graph_steps,
+                   warmup_cut_short=step - last_new < quiet, steps_for_unseen_target_shapes=extra,
                    compiles=compile_log(log0), dynamo_cache="shared with the models before" if arch_index else "fresh")
 
         def timed(next_images, steps):
