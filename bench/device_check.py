@@ -18,10 +18,10 @@ Sections, in order (data always runs; --sections picks among the others):
                    torch.compile): warm-up until no new graphs, then one timed window on a
                    device-resident batch (model speed) and one fed by the loader (data-wait); MFU,
                    graphs compiled after warm-up, peak memory.
-  train_vit_base   the same for ViT-B/16.
   short_run        300 steps of that ViT-S from its initial weights (its compiled graphs reused) with
                    the trainer's schedules on the generated beton: the loss must fall and target_std
                    stay above a floor.
+  train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilations cost the most.
 """
 import time
 
@@ -59,7 +59,7 @@ from hjepa.synthetic import KINDS, draw_image
 from hjepa.train import mask_kwargs, model_kwargs, schedule_values
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "train_vit_base", "short_run")
+SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
 # What differs between the GPU run and --smoke. warmup: (min steps, steps without a new graph, max steps).
 GPU = dict(config="rn_configs/h100_100ep.yaml", overrides={}, archs=("vit_small", "vit_base"), num_images=4000,
            image_sides=(300, 500), loader_seconds=4.0, warmup=(15, 10, 60), timed_steps=50, race_steps=500,

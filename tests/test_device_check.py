@@ -8,7 +8,7 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "bench", "device_check.sh")
-SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "train_vit_base", "short_run")
+SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
 
 
 def run_check(tmp_path, *args):
