@@ -106,8 +106,9 @@ class Run:
         self.peak_tflops = None  # known once describe_device has run
         self.kept = {}  # what later sections reuse: the beton, the loader, the ViT-S trainer
         self.lock = threading.RLock()
-        self.results = {"meta": {"device": self.device.type, "torch": torch.__version__, "cuda": torch.version.cuda, "cpu_model": cpu_model(),
-                                 "cpu_count": os.cpu_count(), "git_commit": git_commit(REPO_ROOT),
+        self.results = {"meta": {"device": self.device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+                                 "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+                                 "git_commit": git_commit(REPO_ROOT),
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
                                  "sizes": self.size},
                         "targets": TARGETS, "sections": {}}
@@ -605,7 +606,8 @@ def print_table(results):
                  (f"{label} data-wait", f"{name}.loader_fed.data_wait_fraction", ".2%", "< 2%",
                   lambda v: v < TARGETS["data_wait_fraction"]),
                  (f"{label} graphs compiled in warm-up", f"{name}.graphs_compiled_in_warmup", "d", "", None),
-                 (f"{label} graphs compiled after warm-up", f"{name}.recompiles_after_warmup", "d", "0", lambda v: v == 0),
+                 (f"{label} graphs compiled after warm-up", f"{name}.recompiles_after_warmup", "d", "0",
+                  lambda v: v == 0),
                  (f"{label} peak memory, GiB", f"{name}.peak_memory_gib", ".2f", "", None)]
     rows += [(f"ImageNet-100 x 100 epochs, {get('train_vit_small.arch') or 'vit_small'}, min",
               "train_vit_small.in100_100ep_minutes", ".1f", "<= 40", lambda v: v <= TARGETS["in100_100ep_minutes"]),
