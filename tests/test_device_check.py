@@ -1,0 +1,82 @@
+"""bench/device_check.sh --smoke: the GPU check's every section runs on the CPU at toy sizes, so the
+script cannot rot between GPU visits. One real subprocess, shared by the tests below."""
+import json
+import os
+import subprocess
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "bench", "device_check.sh")
+SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
+
+
+def run_check(tmp_path, *args):
+    out = tmp_path / "device_check.json"
+    proc = subprocess.run(["bash", SCRIPT, "--smoke", "--device", "cpu", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work"), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    results = json.loads(out.read_text()) if out.exists() else None
+    return proc, results
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    proc, results = run_check(tmp_path_factory.mktemp("device_check"))
+    assert results is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, results
+
+
+def test_smoke_run_passes_every_section_and_prints_the_table(smoke):
+    proc, results = smoke
+    failed = {name: entry.get("error") for name, entry in results["sections"].items() if entry["status"] != "ok"}
+    assert failed == {}, proc.stderr[-3000:]
+    assert list(results["sections"]) == list(SECTIONS)
+    assert proc.returncode == 0
+    assert "copy race: batches whose checksums differ" in proc.stdout
+    assert results["meta"]["finished"] and results["targets"]["vit_small_img_s"] == 6000
+
+
+def test_data_section_writes_a_beton_of_the_drawn_images(smoke):
+    data = smoke[1]["sections"]["data"]
+    assert data["num_images"] == 64 and os.path.isfile(data["beton"])
+
+
+def test_loader_section_measures_both_paths(smoke):
+    loader = smoke[1]["sections"]["loader"]
+    assert loader["uint8_img_s"] > 0 and loader["to_device_normalised_img_s"] > 0
+    assert loader["batch_size"] == 8
+
+
+def test_copy_race_finds_host_and_device_checksums_equal_on_every_batch(smoke):
+    race = smoke[1]["sections"]["copy_race"]
+    assert race["steps"] == 12 and race["mismatched_batches"] == 0 and race["passed"] is True
+
+
+@pytest.mark.parametrize("section", ["train_vit_small", "train_vit_base"])
+def test_training_sections_time_both_windows_and_count_compiled_graphs(smoke, section):
+    train = smoke[1]["sections"][section]
+    for window in ("device_batch", "loader_fed"):
+        assert train[window]["img_s"] > 0
+        assert 0.0 <= train[window]["data_wait_fraction"] < 1.0
+    # The warm-up also stepped every target-block shape the timed steps hold: nothing compiles in them.
+    assert train["recompiles_after_warmup"] == 0 and train["warmup_steps"] >= 2
+    if section == "train_vit_small":  # the smoke's second model has the first one's shapes: its graphs fit
+        # The masks change token counts from step to step: dynamo compiles more than one graph.
+        assert train["graphs_compiled_in_warmup"] >= 2 and train["compiles"][0]["id"] == "0/0"
+    assert train["train_gflops_per_image"] > 0
+
+
+def test_short_run_loss_falls_and_target_std_stays_above_the_floor(smoke):
+    short = smoke[1]["sections"]["short_run"]
+    assert short["steps"] == short["steps_asked"] == 16 and short["all_finite"]
+    assert short["loss_end"] < short["loss_start"]
+    assert short["target_std_min"] > short["target_std_floor"]
+    assert short["recompiles"] == 0  # it runs on the graphs train_vit_small compiled
+    assert short["passed"] is True
+
+
+def test_a_spent_budget_skips_every_section_and_still_writes_the_json(tmp_path):
+    proc, results = run_check(tmp_path, "--budget-s", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {name: entry["status"] for name, entry in results["sections"].items()} == dict.fromkeys(SECTIONS, "skipped")
