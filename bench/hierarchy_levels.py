@@ -5,14 +5,15 @@
 1. Partial cells (I-JEPA's default masks on 14 x 14, 2,000 batches): at each level, how often a block
    is whole windows, the share of the level loss that partial cells carry under a plain mean over
    cells vs under patch-count weights, and the spread (max / min) of the per-patch gradient weight.
-2. Target scale per level: std over D of the pooled target cells, before normalisation, for a
-   random-init vit_small/16 on synthetic 224 px images, and for --checkpoint on 64 px synthetic
-   images at its own grid when given; with the level losses of that model with and without
-   normalisation.
+2. Target scale per level: std over D of the pooled target cells (levels 0-2), before
+   normalisation, for a random-init vit_small/16 on synthetic 224 px images, and for --checkpoint
+   (with its own masking) on synthetic or Fashion-MNIST images; with the level losses of that model
+   with and without normalisation.
 3. Padding: the fixed target and context token counts against the mean real block area.
 Prints a table and writes JSON.
 """
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hjepa.checkpoint import load_checkpoint
 from hjepa.data import normalize_images
@@ -66,7 +68,7 @@ def target_scales(model, images, masking, steps=4):
     for step in range(steps):
         masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=0, step=step, **masking)
         z = model.target_features(images, masks.tgt_idx)[model.target_encoder.depth]  # (T*B, Nt, D)
-        for level in range(model.num_levels):
+        for level in range(3):  # the pooling does not depend on the model's own number of levels
             cells = level_cells(masks.tgt_pos, level, grid)  # (C, Nt)
             counts = cells.sum(dim=1)
             std = pool_target_blocks(z, cells).std(dim=-1, correction=0)  # (T*B, C)
@@ -86,6 +88,16 @@ def synthetic_batch(size, count=32):
     return normalize_images(images, "cpu", torch.float32)  # (B, 3, H, W)
 
 
+def fashion_mnist_batch(path, size, count=32):
+    """The first `count` images of a Fashion-MNIST idx file, grey to 3 channels, resized to size px."""
+    with gzip.open(path, "rb") as f:
+        data = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:count]
+    images = torch.from_numpy(data.copy()).float()
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return normalize_images(images, "cpu", torch.float32)  # (B, 3, H, W)
+
+
 def padding(grid=(14, 14), batches=2000):
     num_context, num_target = mask_sizes(grid_size=grid, **IJEPA_MASKING)
     areas = [np.prod(sample_masks(batch_size=1, grid_size=grid, seed=0, step=s, **IJEPA_MASKING).tgt_shape)
@@ -99,6 +111,8 @@ def padding(grid=(14, 14), batches=2000):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--images", default="", help="a Fashion-MNIST images-idx3 .gz for --checkpoint "
+                        "(default: synthetic drawings)")
     parser.add_argument("--out", default="hierarchy_levels.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -112,10 +126,15 @@ def main():
         for part, module in trained.trainable_modules().items():
             module.load_state_dict(state[part])
         trained.target_encoder.load_state_dict(state["target_encoder"])
-        masking = dict(IJEPA_MASKING, num_targets=3, target_scale=(0.1, 0.2), min_keep=4)  # rn_configs/cpu_demo.yaml
-        result["checkpoint"] = dict(path=args.checkpoint, masking="cpu_demo",
-                                    **target_scales(trained, synthetic_batch(state["model_config"]["image_size"]),
-                                                    masking))
+        k = state["config"]["masking"]
+        masking = dict(num_targets=k["num_targets"], target_scale=(k["target_scale_min"], k["target_scale_max"]),
+                       target_aspect=(k["target_aspect_min"], k["target_aspect_max"]),
+                       context_scale=(k["context_scale_min"], k["context_scale_max"]),
+                       context_aspect=k["context_aspect"], allow_overlap=k["allow_overlap"], min_keep=k["min_keep"])
+        size = state["model_config"]["image_size"]
+        images = fashion_mnist_batch(args.images, size) if args.images else synthetic_batch(size)
+        result["checkpoint"] = dict(path=args.checkpoint, step=state["step"], images=args.images or "synthetic",
+                                    **target_scales(trained, images, masking))
 
     print("level | whole blocks | partial share: plain mean -> patch-weighted | patch-weight spread plain (mean, max)")
     for level, r in result["partial_cells"].items():
