@@ -9,8 +9,9 @@ Shapes are fixed per masking configuration (mask_sizes), never per draw, so a to
 sees the same shapes every step and compiles once:
 - Context: every image keeps `num_context` patches, a uniformly random subset (sorted) of the
   patches its context rectangle leaves. I-JEPA instead cuts every list to the batch minimum keeping
-  the first patches in row-major order, which starves the bottom rows of the image: on a 14 x 14
-  grid at batch 64, rows 11-13 got 2.4%, 0.8%, 0.1% of the context while ~12% of targets lie there.
+  the first patches in row-major order, which starves the bottom rows of the image: with its masks on
+  a 14 x 14 grid at batch 64 (20 batches), rows 11-13 got 3.8%, 1.7%, 0.4% of the context (rows 0-2:
+  40%) while ~11% of target patches lie there; the random subset gives them 9.0%, 11.2%, 6.5%.
   `num_context` is the CONTEXT_QUANTILE quantile of the patches one image's draw leaves (estimated
   once per configuration from a fixed-seed simulation); an image left with fewer is redrawn whole.
 - Targets: blocks are listed row-major and padded to `num_target`, the largest area the target
@@ -24,9 +25,11 @@ Two more deliberate differences from the reference:
 - A block size with fewer than `min_keep` patches is redrawn (I-JEPA loops forever on target blocks
   that are too small). A ValueError is raised when the scales can never give min_keep patches.
 
-Cost (2-core AMD EPYC CPU, shared; batch 256, 14x14 grid, 4 targets, default scales): see
-`python -m hjepa.masks` (`_benchmark`): ~1 ms per call, on the host, while the accelerator runs the
-previous step (the 6,000 images/s ViT-S/16 target means a 42.7 ms step at batch 256).
+Cost (batch 256, 14x14 grid, 4 targets, default scales; `python -m hjepa.masks`): 1.4-1.9 ms per call
+against 0.8-0.9 ms for the batch-minimum cut, both measured back to back on the same 2-core CPU
+under load from other jobs (unloaded, the cut measured 0.27-0.37 ms). The redraws and the random
+subset cost the difference. It runs on the host while the accelerator runs the previous step; the
+6,000 images/s ViT-S/16 target means a 42.7 ms step at batch 256.
 """
 import functools
 import math
@@ -41,8 +44,8 @@ _MASK_STREAM = 0x6D61736B
 _SIZE_STREAM = 0x73697A65
 _MAX_ROUNDS = 1000
 # The fixed context size is this quantile of what one draw leaves: about 1 image in 20 is redrawn, and
-# the rest drop a random few of their context patches. (The old batch-minimum cut kept fewer: ~52
-# patches at batch 64 with I-JEPA's masks on 14 x 14, against 61 here, and fell as the batch grew.)
+# the rest drop a random few of their context patches. (The old batch-minimum cut kept fewer: ~53
+# patches at batch 64 with I-JEPA's masks on 14 x 14, against 57 here, and fell as the batch grew.)
 CONTEXT_QUANTILE = 0.05
 _SIZE_SIMULATION_IMAGES = 8192
 

@@ -7,18 +7,21 @@ gist of a region. Optionally, level h takes its target from an intermediate targ
 (`level_depths`) and then reads its prediction through its own linear head on the predictor's
 hidden states.
 
-Two choices make the levels' losses mean what their weights say (measured by
-bench/hierarchy_levels.py):
-- Cells are weighted by their patch count. Blocks are rarely a multiple of the window (never at
-  level 2 with I-JEPA's 14 x 14 masks), so edge cells are partial; with a plain mean over cells a
-  1-patch corner cell of a 5 x 5 block would carry a quarter of the level-2 loss and its patch 16x the
-  gradient of an interior patch. Weighted by count, every real patch weighs the same at every level,
-  and the target distribution stays I-JEPA's (tiling blocks into whole windows would not).
-- Each pooled cell is layer-normed (`normalize_levels`): averaging layer-normed tokens shrinks them
-  (less the more they differ), which would put smooth-L1 deep in its quadratic regime and the levels'
-  effective weights far under the nominal ones. The prediction is shifted and scaled by the same
+Two choices make the levels' losses mean what their weights say (bench/hierarchy_levels.py):
+- Cells are weighted by their patch count. Blocks are rarely a multiple of the window, so edge
+  cells are partial: over I-JEPA's 14 x 14 masks, 25% of blocks tile whole 2 x 2 windows and none
+  4 x 4 windows. With a plain mean over cells, partial cells, holding 18.5% / 52% of the patches,
+  carried 30% / 75% of the level-1 / level-2 loss, and one patch's gradient weight was up to 4x / 16x
+  another's (a 5 x 5 block's 1-patch corner cell: a quarter of its level-2 loss). Weighted by count,
+  every real patch weighs the same at every level, and the target distribution stays I-JEPA's
+  (tiling blocks into whole windows would change it: no default block is a multiple of 4).
+- Each pooled level-h >= 1 cell is layer-normed (`normalize_levels`): averaging layer-normed tokens
+  shrinks them, the more the more they differ. The prediction is shifted and scaled by the same
   (target) mean and std, so the optimum is unchanged: a prediction equal to the target at every
-  patch still scores zero at every level, and a shared prediction serves all levels without conflict.
+  patch still scores zero at every level, and one shared prediction serves all levels. Measured
+  shrink is modest so far: pooled-target std 1 / 0.96 / 0.91 at levels 0 / 1 / 2 for a random-init
+  ViT-S/16, 1 / 0.95 / 0.88 for a vit_micro after 110 steps on Fashion-MNIST; normalised, the
+  level losses rose 7-15% over unnormalised, to the level-0 scale.
 """
 import copy
 
