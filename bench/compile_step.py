@@ -7,6 +7,11 @@ a model whose shapes followed the draw would recompile here). Reports, per mode:
 (compilation included), the warm-up steps, the median ms per step and images/s over steps that
 alternate between the modes (fair on a shared machine), and the number of graphs Dynamo compiled
 over all steps. Random images (model speed alone, no loader). Prints a table, writes JSON.
+
+Measured (2-core Intel Xeon VM, torch 2.14.1, load ~7-9 from other jobs, so absolute times vary
+4x between runs): compiled/eager median 357/408 ms per step (1.14x) and 1223/1557 ms (1.27x) in two
+runs; one graph compiled each time; the first compiled step took 126 s with a cold inductor cache,
+3-9 s with a warm one. On the CPU, compile buys ~15-25% at this size, after a one-off compile.
 """
 import argparse
 import json
