@@ -166,6 +166,8 @@ def _declare_sections(cfg):
         level_weights=_p(NumberList(), "loss weight per level, comma-separated", default="1.0,0.5,0.25"),
         level_depths=_p(NumberList(), "target-encoder block per level (1-based), empty = final block", default=""),
         loss=_p(Choice("smooth_l1", "mse"), "per-level regression loss", default="smooth_l1"),
+        normalize_levels=_p(Boolean(), "layer-norm each pooled level-h>=1 target (prediction scaled alike)",
+                            default=True),
     )
     section("masking", "I-JEPA multi-block masks on the patch grid").params(
         num_targets=_p(Integer(1, 16), "target blocks per image", default=4),
@@ -499,7 +501,7 @@ def model_kwargs(cfg):
                 predictor_embed_dim=cfg[m + "predictor_embed_dim"], predictor_depth=cfg[m + "predictor_depth"],
                 predictor_num_heads=cfg[m + "predictor_num_heads"], num_levels=cfg[m + "num_levels"],
                 level_weights=cfg[m + "level_weights"], level_depths=cfg[m + "level_depths"],
-                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"])
+                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"], normalize_levels=cfg[m + "normalize_levels"])
 
 
 def mask_kwargs(cfg):

@@ -148,9 +148,8 @@ def build_training(cfg, info, device, say):
         log=MetricsLog(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None,
         schedule_at=functools.partial(schedule_values, cfg=cfg, peak_lr=peak_lr, total_steps=total_steps,
                                       warmup_steps=round(cfg["optim.warmup_epochs"] * steps_per_epoch)),
-        flops_per_image=train_flops_per_image(model.model_config, masking=masking,  # real (batch-min) token counts
-                                              num_patches=model.grid_size[0] * model.grid_size[1],
-                                              batch_size=cfg["data.batch_size"]))
+        flops_per_image=train_flops_per_image(model.model_config, masking=masking,
+                                              num_patches=model.grid_size[0] * model.grid_size[1]))
     checkpointer = ckpt_io.Checkpointer(
         run_dir, functools.partial(training_state, model, optimizer, cfg, steps_per_epoch=steps_per_epoch),
         steps_per_epoch=steps_per_epoch, every_epochs=cfg["training.checkpoint_every"],
