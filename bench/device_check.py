@@ -56,7 +56,8 @@ from hjepa.model import build_model
 from hjepa.runlog import cpu_model, git_commit
 from hjepa.sources import image_folder_samples
 from hjepa.synthetic import KINDS, draw_image
-from hjepa.train import mask_kwargs, model_kwargs, schedule_values
+from hjepa.config import mask_kwargs, model_kwargs
+from hjepa.train import schedule_values
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
@@ -453,7 +454,7 @@ def section_train(arch_index):
             run.kept["vit_small"] = trainer  # the short run starts from its initial weights
         grid, log0, graphs0 = trainer.grid, len(get_compilation_metrics()), compiled_graphs()
         flops = train_flops_per_image(trainer.model.model_config, masking=trainer.masking,
-                                      num_patches=grid[0] * grid[1], batch_size=trainer.batch)
+                                      num_patches=grid[0] * grid[1])
         run.record(arch=cfg["model.arch"], image_size=cfg["data.image_size"], patch_size=cfg["model.patch_size"],
                    batch_size=trainer.batch, amp=str(trainer.amp_dtype), compile_backend=run.size["compile_backend"],
                    train_gflops_per_image=round(flops / 1e9, 2), peak_bf16_tflops=run.peak_tflops)
