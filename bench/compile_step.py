@@ -14,42 +14,39 @@ runs; one graph compiled each time; the first compiled step took 126 s with a co
 3-9 s with a warm one. On the CPU, compile buys ~15-25% at this size, after a one-off compile.
 """
 import argparse
+import dataclasses
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run by path from anywhere
 
 import torch
 from torch._dynamo.utils import counters
 
 from hjepa.data import normalize_images
 from hjepa.engine import build_optimizer, train_step
-from hjepa.masks import mask_sizes, sample_masks
-from hjepa.model import build_model
+from hjepa.masks import MaskConfig, mask_sizes, sample_masks
+from hjepa.model import ModelConfig, build_model
 from hjepa.runlog import cpu_model
 
 # rn_configs/cpu_demo.yaml: vit_micro, 64 px images, 8 px patches (an 8 x 8 grid), 2 levels.
-MODEL = dict(arch="vit_micro", patch_size=8, image_size=64, predictor_embed_dim=64, predictor_depth=2,
-             predictor_num_heads=4, num_levels=2, level_weights=[1.0, 0.5])
-MASKING = dict(num_targets=3, target_scale=(0.1, 0.2), target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
-               context_aspect=1.0, allow_overlap=False, min_keep=4)
+MODEL = ModelConfig(arch="vit_micro", patch_size=8, image_size=64, predictor_embed_dim=64, predictor_depth=2,
+                    predictor_num_heads=4, num_levels=2, level_weights=(1.0, 0.5))
+MASKING = MaskConfig(num_targets=3, target_scale=(0.1, 0.2), min_keep=4)
 
 
 def make_run(compiled, batch_size):
     """A fresh model + optimizer (same init for both modes) and a function that runs one timed step."""
     torch.manual_seed(0)
-    model = build_model(**MODEL)
+    model = build_model(MODEL)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     forward = torch.compile(model) if compiled else model
     images = normalize_images(torch.randint(0, 256, (batch_size, 3, 64, 64), dtype=torch.uint8,
                                             generator=torch.Generator().manual_seed(0)), "cpu", torch.float32)
 
     def step(i):
-        masks = sample_masks(batch_size=batch_size, grid_size=model.grid_size, seed=0, step=i, **MASKING)
+        masks = sample_masks(MASKING, batch_size=batch_size, grid_size=model.grid_size, seed=0, step=i)
         start = time.perf_counter()
         train_step(model, forward, optimizer, images, masks, lr=1e-4, weight_decay=0.05, momentum=0.996)
         return time.perf_counter() - start
@@ -89,7 +86,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = dict(device=f"cpu ({cpu_model() or platform.processor()}, {args.threads} threads)", torch=torch.__version__,
-                  model=MODEL, masking=MASKING, token_counts=mask_sizes(grid_size=(8, 8), **MASKING),
+                  model=MODEL.as_record(), masking=dataclasses.asdict(MASKING), token_counts=mask_sizes(MASKING, (8, 8)),
                   batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
     result.update(compare(steps=args.steps, warmup=args.warmup, batch_size=args.batch_size))
     result["speedup"] = result["eager"]["step_ms"] / result["compiled"]["step_ms"]

@@ -56,8 +56,8 @@ from hjepa.model import build_model
 from hjepa.runlog import cpu_model, git_commit
 from hjepa.sources import image_folder_samples
 from hjepa.synthetic import KINDS, draw_image
-from hjepa.config import mask_kwargs, model_kwargs
-from hjepa.train import schedule_values
+from hjepa.config import mask_config, model_config, optim_config
+from hjepa.schedules import schedule_values
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
@@ -232,7 +232,7 @@ def train_loader(run, cfg):
             raise RuntimeError("no beton: the data section did not run")
         run.kept["loader"] = build_train_loader(
             run.kept["beton"], batch_size=cfg["data.batch_size"], num_workers=run.args.num_workers or os.cpu_count(),
-            image_size=cfg["data.image_size"], crop_scale=(cfg["data.crop_scale_min"], cfg["data.crop_scale_max"]),
+            image_size=cfg["data.image_size"], crop_scale=cfg["data.crop_scale"],
             flip=cfg["data.flip"], in_memory=True, order="random", seed=0)
     return run.kept["loader"]
 
@@ -391,12 +391,12 @@ class Trainer:
     def __init__(self, run, cfg):
         self.cfg, self.device, self.batch = cfg, run.device, cfg["data.batch_size"]
         torch.manual_seed(0)
-        self.model = build_model(**model_kwargs(cfg)).to(self.device)
+        self.model = build_model(model_config(cfg)).to(self.device)
         self.initial_state = copy.deepcopy(self.model.state_dict())
         self.optimizer = self.new_optimizer()
         self.forward = torch.compile(self.model, backend=run.size["compile_backend"])  # as hjepa/train.py does
         self.amp_dtype = autocast_dtype(self.device, cfg["hardware.bf16"])
-        self.masking, self.grid = mask_kwargs(cfg), self.model.grid_size
+        self.masking, self.grid = mask_config(cfg), self.model.grid_size
         self.target_shapes_seen = set()  # (th, tw) of the masks stepped so far
 
     def new_optimizer(self):
@@ -404,7 +404,7 @@ class Trainer:
                                betas=(self.cfg["optim.beta1"], self.cfg["optim.beta2"]))
 
     def masks(self, step):
-        return sample_masks(batch_size=self.batch, grid_size=self.grid, seed=0, step=step, rank=0, **self.masking)
+        return sample_masks(self.masking, batch_size=self.batch, grid_size=self.grid, seed=0, step=step)
 
     def step(self, step, images, schedule=None):
         masks = self.masks(step)
@@ -543,7 +543,7 @@ def section_short_run(run):
     trainer.model.load_state_dict(trainer.initial_state)  # in place: the compiled graphs stay valid
     trainer.optimizer = trainer.new_optimizer()
     reset_memory_stats(run)
-    steps, peak_lr = run.size["short_steps"], cfg["optim.lr"] * trainer.batch / 256  # lr is per 256 images
+    steps, optim = run.size["short_steps"], optim_config(cfg)
     warmup_steps = round(steps * cfg["optim.warmup_epochs"] / cfg["training.epochs"])  # the config's share
     losses, target_std = torch.empty(steps, device=run.device), torch.empty(steps, device=run.device)
     graphs0, done = compiled_graphs(), 0
@@ -553,8 +553,8 @@ def section_short_run(run):
         for step in range(steps):
             if run.out_of_time():
                 break
-            out = trainer.step(step, next(source), schedule_values(step, cfg=cfg, peak_lr=peak_lr, total_steps=steps,
-                                                                   warmup_steps=warmup_steps))
+            out = trainer.step(step, next(source), schedule_values(step, optim, total_steps=steps, warmup_steps=warmup_steps,
+                                                                   global_batch=trainer.batch))
             losses[step], target_std[step] = out["loss"].detach(), out["target_std"]  # stay on the device
             done = step + 1
     finally:

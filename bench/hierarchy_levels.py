@@ -15,10 +15,7 @@ Prints a table and writes JSON.
 import argparse
 import gzip
 import json
-import os
-import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run by path from anywhere
 
 import numpy as np
 import torch
@@ -26,19 +23,18 @@ import torch.nn.functional as F
 
 from hjepa.checkpoint import load_checkpoint
 from hjepa.data import normalize_images
-from hjepa.masks import mask_sizes, sample_masks
-from hjepa.model import build_model, level_cells, pool_target_blocks
+from hjepa.masks import MaskConfig, mask_sizes, sample_masks
+from hjepa.model import ModelConfig, build_model, level_cells, pool_target_blocks
 from hjepa.synthetic import make_images
 
-IJEPA_MASKING = dict(num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
-                     context_aspect=1.0, allow_overlap=False, min_keep=10)
+IJEPA_MASKING = MaskConfig()  # I-JEPA's multi-block masks, the defaults
 
 
 def partial_cells(grid=(14, 14), batches=2000, levels=(1, 2)):
     """Per level: fraction of blocks tiled by whole windows, partial cells' share of the level loss
     (plain mean over cells vs patch-count weights) and max/min per-patch gradient weight of each."""
     rows = {}
-    shapes = [sample_masks(batch_size=1, grid_size=grid, seed=0, step=s, **IJEPA_MASKING).tgt_shape
+    shapes = [sample_masks(IJEPA_MASKING, batch_size=1, grid_size=grid, seed=0, step=s).tgt_shape
               for s in range(batches)]
     for level in levels:
         window = 2 ** level
@@ -66,7 +62,7 @@ def target_scales(model, images, masking, steps=4):
     grid = model.grid_size
     scales, losses = {}, {True: [], False: []}
     for step in range(steps):
-        masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=0, step=step, **masking)
+        masks = sample_masks(masking, batch_size=images.shape[0], grid_size=grid, seed=0, step=step)
         z = model.target_features(images, masks.tgt_idx)[model.target_encoder.depth]  # (T*B, Nt, D)
         for level in range(3):  # the pooling does not depend on the model's own number of levels
             cells = level_cells(masks.tgt_pos, level, grid)  # (C, Nt)
@@ -99,8 +95,8 @@ def fashion_mnist_batch(path, size, count=32):
 
 
 def padding(grid=(14, 14), batches=2000):
-    num_context, num_target = mask_sizes(grid_size=grid, **IJEPA_MASKING)
-    areas = [np.prod(sample_masks(batch_size=1, grid_size=grid, seed=0, step=s, **IJEPA_MASKING).tgt_shape)
+    num_context, num_target = mask_sizes(IJEPA_MASKING, grid)
+    areas = [np.prod(sample_masks(IJEPA_MASKING, batch_size=1, grid_size=grid, seed=0, step=s).tgt_shape)
              for s in range(batches)]
     mean_area = float(np.mean(areas))
     return dict(num_context=num_context, num_target_padded=num_target, mean_block_area=mean_area,
@@ -117,20 +113,17 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     result = dict(partial_cells=partial_cells(), padding=padding())
-    model = build_model(arch="vit_small", patch_size=16, image_size=224, num_levels=3,
-                        level_weights=[1.0, 0.5, 0.25])
+    model = build_model(ModelConfig(arch="vit_small", patch_size=16, image_size=224, num_levels=3,
+                                    level_weights=(1.0, 0.5, 0.25)))
     result["random_vit_small"] = target_scales(model, synthetic_batch(224, count=16), IJEPA_MASKING)
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint)
-        trained = build_model(**state["model_config"])
+        trained = build_model(ModelConfig.from_record(state["model_config"]))
         for part, module in trained.trainable_modules().items():
             module.load_state_dict(state[part])
         trained.target_encoder.load_state_dict(state["target_encoder"])
         k = state["config"]["masking"]
-        masking = dict(num_targets=k["num_targets"], target_scale=(k["target_scale_min"], k["target_scale_max"]),
-                       target_aspect=(k["target_aspect_min"], k["target_aspect_max"]),
-                       context_scale=(k["context_scale_min"], k["context_scale_max"]),
-                       context_aspect=k["context_aspect"], allow_overlap=k["allow_overlap"], min_keep=k["min_keep"])
+        masking = MaskConfig(**k)
         size = state["model_config"]["image_size"]
         images = fashion_mnist_batch(args.images, size) if args.images else synthetic_batch(size)
         result["checkpoint"] = dict(path=args.checkpoint, step=state["step"], images=args.images or "synthetic",

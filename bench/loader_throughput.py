@@ -33,7 +33,7 @@ from hjepa.sources import image_folder_samples
 from hjepa.synthetic import make_imagenet_tree
 
 NUM_SYNTHETIC_CLASSES = 10
-READS = ("bench", "data.image_size", "data.crop_scale_min", "data.crop_scale_max", "data.flip",
+READS = ("bench", "data.image_size", "data.crop_scale", "data.flip",
          "cfg.max_resolution", "cfg.jpeg_quality")
 
 
@@ -168,7 +168,7 @@ def main(argv=None):
         raise UserError("bench.out is empty: pass --bench.out=FILE.json")
     num_workers = cfg["bench.num_workers"] or os.cpu_count() or 1
     batch_size, image_size = cfg["bench.batch_size"], cfg["data.image_size"]
-    crop_scale = (cfg["data.crop_scale_min"], cfg["data.crop_scale_max"])
+    crop_scale = cfg["data.crop_scale"]
     flip, epochs, work_dir = cfg["data.flip"], cfg["bench.epochs"], cfg["bench.work_dir"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(work_dir, exist_ok=True)

@@ -14,7 +14,7 @@ import time
 import torch
 
 from hjepa import schedules
-from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_kwargs, model_kwargs,
+from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_config, model_config,
                           train_loader_kwargs)
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import exit_on_user_error
@@ -55,11 +55,11 @@ def main(argv=None):
     # Importing ffcv sets torch's threads to 1 (its Compiler couples them to numba's): set them here.
     torch.set_num_threads(cfg["hardware.num_threads"] or os.cpu_count() or 1)
     torch.manual_seed(0)
-    model = build_model(**model_kwargs(cfg)).to(device)
+    model = build_model(model_config(cfg)).to(device)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     forward = torch.compile(model) if cfg["hardware.compile"] else model
     amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
-    masking = mask_kwargs(cfg)
+    masking = mask_config(cfg)
     grid = model.grid_size
     flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=grid[0] * grid[1])
     warmup, steps = cfg["bench.warmup_steps"], cfg["bench.steps"]
@@ -78,7 +78,7 @@ def main(argv=None):
         t_fetch = time.perf_counter()
         images = next(source)
         data_wait += time.perf_counter() - t_fetch
-        masks = sample_masks(batch_size=images.shape[0], grid_size=grid, seed=0, step=step, rank=0, **masking)
+        masks = sample_masks(masking, batch_size=images.shape[0], grid_size=grid, seed=0, step=step)
         x = normalize_images(images, device, amp_dtype or torch.float32)  # (B, 3, H, W)
         train_step(model, forward, optimizer, x, masks_to_device(masks, device), lr=1e-4, weight_decay=0.05,
                    momentum=schedules.ema_momentum(step, total_steps=warmup + steps, start=0.996, end=1.0),

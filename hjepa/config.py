@@ -8,6 +8,7 @@ layer: a file may name the files it builds on (`inherit: base.yaml`) and hold on
 `--config-file` may be repeated; later layers win. Library code never reads the config: entry points
 and `build_*` functions do, and each entry point names the keys it reads (its `--help` lists those).
 """
+import dataclasses
 import difflib
 import json
 import math
@@ -19,6 +20,9 @@ from fastargs import Config, Param, Section, set_current_config
 from fastargs.validation import Checker
 
 from hjepa.errors import UserError
+from hjepa.masks import MaskConfig
+from hjepa.model import ModelConfig
+from hjepa.schedules import OptimConfig
 
 # ----------------------------------------------------------------------------------------------
 # Checkers (fastargs' own Int/Bool coerce too eagerly: int(3.7) == 3, bool("False") is True)
@@ -114,6 +118,25 @@ class NumberList(Checker):
         return "comma-separated numbers"
 
 
+class NumberPair(Checker):
+    """Two numbers lo <= hi, as a YAML list `[0.15, 0.2]` or on the command line `0.15,0.2`."""
+
+    def __init__(self, min=-math.inf, max=math.inf):
+        self.min, self.max = min, max
+
+    def check(self, value):
+        items = list(value) if isinstance(value, (list, tuple)) else [s for s in str(value).replace(" ", "").split(",") if s]
+        if len(items) != 2 or any(isinstance(x, bool) for x in items):
+            raise ValueError(value)
+        lo, hi = (float(x) for x in items)
+        if math.isnan(lo) or math.isnan(hi) or not self.min <= lo <= hi <= self.max:
+            raise ValueError(value)
+        return (lo, hi)
+
+    def help(self):
+        return "two numbers lo,hi" + _range_text(self.min, self.max)
+
+
 def _range_text(lo, hi):
     if lo == -math.inf and hi == math.inf:
         return ""
@@ -140,8 +163,8 @@ def _declare_sections(cfg):
         train_dataset=_p(Text(), "path to the training .beton", default=""),
         val_dataset=_p(Text(), "path to the validation .beton (k-NN monitor)", default=""),
         image_size=_p(Integer(16, 1024), "crop side in pixels fed to the model", default=224),
-        crop_scale_min=_p(Number(0.01, 1.0), "random-resized-crop min area fraction (I-JEPA: 0.3)", default=0.8),
-        crop_scale_max=_p(Number(0.01, 1.0), "random-resized-crop max area fraction", default=1.0),
+        crop_scale=_p(NumberPair(0.01, 1.0), "random-resized-crop area fraction range (I-JEPA: 0.3,1.0)",
+                      default=(0.8, 1.0)),
         flip=_p(Boolean(), "random horizontal flip", default=True),
         color_jitter=_p(Number(0.0, 1.0), "brightness/contrast/saturation jitter strength, 0 disables", default=0.0),
         batch_size=_p(Integer(1), "images per step per GPU (per process)", default=256),
@@ -171,12 +194,9 @@ def _declare_sections(cfg):
     )
     section("masking", "I-JEPA multi-block masks on the patch grid").params(
         num_targets=_p(Integer(1, 16), "target blocks per image", default=4),
-        target_scale_min=_p(Number(0.0, 1.0), "target block min area fraction", default=0.15),
-        target_scale_max=_p(Number(0.0, 1.0), "target block max area fraction", default=0.2),
-        target_aspect_min=_p(Number(0.01, 100.0), "target block min aspect ratio (h/w)", default=0.75),
-        target_aspect_max=_p(Number(0.01, 100.0), "target block max aspect ratio (h/w)", default=1.5),
-        context_scale_min=_p(Number(0.0, 1.0), "context block min area fraction", default=0.85),
-        context_scale_max=_p(Number(0.0, 1.0), "context block max area fraction", default=1.0),
+        target_scale=_p(NumberPair(0.0, 1.0), "target block area fraction range", default=(0.15, 0.2)),
+        target_aspect=_p(NumberPair(0.01, 100.0), "target block aspect ratio (h/w) range", default=(0.75, 1.5)),
+        context_scale=_p(NumberPair(0.0, 1.0), "context block area fraction range", default=(0.85, 1.0)),
         context_aspect=_p(Number(0.01, 100.0), "context block aspect ratio", default=1.0),
         allow_overlap=_p(Boolean(), "let the context keep target patches", default=False),
         min_keep=_p(Integer(1), "minimum patches in any block", default=10),
@@ -295,6 +315,11 @@ def _flatten(tree, prefix=""):
 REMOVED_KEYS = {
     "cfg.max_resolution": "images are now stored by their shorter side: use cfg.short_side (and cfg.max_side "
                           "to cap the longer side)",
+    **{f"{section}.{name}_{end}": f"ranges are one key with two values: use {section}.{name}: [lo, hi] "
+                                  f"(--{section}.{name}=lo,hi on the command line)"
+       for section, name in (("data", "crop_scale"), ("masking", "target_scale"), ("masking", "target_aspect"),
+                             ("masking", "context_scale"))
+       for end in ("min", "max")},
 }
 
 
@@ -494,32 +519,36 @@ def save_config(cfg, path, sections=None):
 # Sections to the keyword arguments of the library's builders (one place, shared by every entry point)
 
 
-def model_kwargs(cfg):
-    """hjepa.model.build_model's arguments from the model section (and data.image_size)."""
-    m = "model."
-    return dict(arch=cfg[m + "arch"], patch_size=cfg[m + "patch_size"], image_size=cfg["data.image_size"],
-                predictor_embed_dim=cfg[m + "predictor_embed_dim"], predictor_depth=cfg[m + "predictor_depth"],
-                predictor_num_heads=cfg[m + "predictor_num_heads"], num_levels=cfg[m + "num_levels"],
-                level_weights=cfg[m + "level_weights"], level_depths=cfg[m + "level_depths"],
-                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"], normalize_levels=cfg[m + "normalize_levels"])
+def section_dataclass(cfg, section, cls, **values):
+    """An instance of dataclass `cls` whose fields take the values of the same-named params of `section`
+    (fields given in `values`, e.g. ones another section holds, take those). The one place where
+    settings become typed arguments: a new hyperparameter is a param declared above and a field."""
+    for field in dataclasses.fields(cls):
+        if field.name not in values:
+            values[field.name] = cfg[f"{section}.{field.name}"]
+    return cls(**values)
 
 
-def mask_kwargs(cfg):
-    """hjepa.masks.sample_masks' shape arguments from the masking section."""
-    k = "masking."
-    return dict(num_targets=cfg[k + "num_targets"],
-                target_scale=(cfg[k + "target_scale_min"], cfg[k + "target_scale_max"]),
-                target_aspect=(cfg[k + "target_aspect_min"], cfg[k + "target_aspect_max"]),
-                context_scale=(cfg[k + "context_scale_min"], cfg[k + "context_scale_max"]),
-                context_aspect=cfg[k + "context_aspect"], allow_overlap=cfg[k + "allow_overlap"],
-                min_keep=cfg[k + "min_keep"])
+def model_config(cfg):
+    """hjepa.model.ModelConfig from the model section (and data.image_size)."""
+    return section_dataclass(cfg, "model", ModelConfig, image_size=cfg["data.image_size"])
+
+
+def mask_config(cfg):
+    """hjepa.masks.MaskConfig from the masking section."""
+    return section_dataclass(cfg, "masking", MaskConfig)
+
+
+def optim_config(cfg):
+    """hjepa.schedules.OptimConfig from the optim section."""
+    return section_dataclass(cfg, "optim", OptimConfig)
 
 
 def train_loader_kwargs(cfg):
     """hjepa.data.build_train_loader's arguments from the data section (the caller adds distributed, drop_last)."""
     return dict(
         path=cfg["data.train_dataset"], batch_size=cfg["data.batch_size"], num_workers=cfg["data.num_workers"],
-        image_size=cfg["data.image_size"], crop_scale=(cfg["data.crop_scale_min"], cfg["data.crop_scale_max"]),
+        image_size=cfg["data.image_size"], crop_scale=cfg["data.crop_scale"],
         flip=cfg["data.flip"], color_jitter=cfg["data.color_jitter"], in_memory=cfg["data.in_memory"],
         order=cfg["data.order"], seed=cfg["data.seed"], mixture=cfg["data.mixture"] or None,
         epoch_samples=cfg["data.epoch_samples"])

@@ -23,7 +23,7 @@ def block_forward_flops(num_tokens, width, mlp_ratio=MLP_RATIO):
 def step_flops_breakdown(model_config, *, num_context, num_target, num_targets):
     """FLOPs per image of one training step, by role: {"target", "context", "predictor", "total"}.
 
-    model_config: build_model's kwargs (model.model_config). num_context: context tokens per image
+    model_config: ModelConfig.as_record() (model.model_config). num_context: context tokens per image
     (Nc); num_target: tokens per target block (Nt); num_targets: target blocks per image (T).
     """
     embed_dim, depth, _ = ARCHS[model_config["arch"]]
@@ -57,17 +57,16 @@ def train_step_flops(model_config, *, num_context, num_target, num_targets):
 def train_flops_per_image(model_config, *, masking, num_patches):
     """FLOPs per image of one training step with the masking config's token counts.
 
-    masking: sample_masks' keyword arguments (num_targets, target_scale, target_aspect, context_scale,
-    context_aspect, allow_overlap, min_keep); num_patches: tokens of the full (square) grid. The
-    counts are hjepa.masks.mask_sizes: fixed per configuration (so exact for every step and batch
-    size), the target count including the padding the predictor computes.
+    masking: hjepa.masks.MaskConfig; num_patches: tokens of the full (square) grid. The counts are
+    hjepa.masks.mask_sizes: fixed per configuration (so exact for every step and batch size), the
+    target count including the padding the predictor computes.
     """
     from hjepa.masks import mask_sizes  # a sampler of the data side; imported only when asked for
 
     grid_size = math.isqrt(num_patches)
-    num_context, num_target = mask_sizes(grid_size=(grid_size, grid_size), **masking)
+    num_context, num_target = mask_sizes(masking, (grid_size, grid_size))
     return train_step_flops(model_config, num_context=num_context, num_target=num_target,
-                            num_targets=masking["num_targets"])
+                            num_targets=masking.num_targets)
 
 
 def mfu(images_per_s, flops_per_image, peak_tflops, num_devices=1):

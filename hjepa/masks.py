@@ -159,20 +159,36 @@ def _as_pair(value):
     return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value), float(value))
 
 
-def mask_sizes(*, grid_size, num_targets, target_scale, target_aspect, context_scale, context_aspect,
-               allow_overlap, min_keep):
-    """(num_context, num_target): the fixed token counts of every batch sample_masks draws with this
-    configuration. num_target is the largest target block area; num_context is the CONTEXT_QUANTILE
-    quantile, at least min_keep, of the context one image's draw leaves (a fixed-seed simulation)."""
-    return _mask_sizes(tuple(int(g) for g in grid_size), int(num_targets), _as_pair(target_scale),
-                       _as_pair(target_aspect), _as_pair(context_scale), _as_pair(context_aspect),
-                       bool(allow_overlap), int(min_keep))
+@dataclass(frozen=True)
+class MaskConfig:
+    """I-JEPA's multi-block masking (the masking section). Ranges are (min, max); aspect is h/w."""
+    num_targets: int = 4
+    target_scale: tuple = (0.15, 0.2)    # area fraction of each target block
+    target_aspect: tuple = (0.75, 1.5)
+    context_scale: tuple = (0.85, 1.0)   # area fraction of the context block
+    context_aspect: tuple = (1.0, 1.0)   # a number means (x, x)
+    allow_overlap: bool = False          # let the context keep target patches
+    min_keep: int = 10                   # minimum patches in any block
+
+    def __post_init__(self):
+        for name in ("target_scale", "target_aspect", "context_scale", "context_aspect"):
+            object.__setattr__(self, name, _as_pair(getattr(self, name)))  # hashable: mask_sizes caches on it
+
+
+def mask_sizes(config, grid_size):
+    """(num_context, num_target): the fixed token counts of every batch sample_masks draws with MaskConfig
+    `config` on `grid_size`. num_target is the largest target block area; num_context is the
+    CONTEXT_QUANTILE quantile, at least min_keep, of the context one image's draw leaves (a fixed-seed
+    simulation)."""
+    return _mask_sizes(config, tuple(int(g) for g in grid_size))
 
 
 @functools.lru_cache(maxsize=64)
-def _mask_sizes(grid_size, num_targets, target_scale, target_aspect, context_scale, context_aspect,
-                allow_overlap, min_keep):
+def _mask_sizes(config, grid_size):
     grid_h, grid_w = grid_size
+    num_targets, min_keep, allow_overlap = config.num_targets, config.min_keep, config.allow_overlap
+    target_scale, target_aspect = config.target_scale, config.target_aspect
+    context_scale, context_aspect = config.context_scale, config.context_aspect
     num_target = _largest_block_area(grid_h, grid_w, target_scale, target_aspect, min_keep)
     if num_target == 0:
         raise ValueError(f"target scale {target_scale} on a {grid_h}x{grid_w} grid never keeps "
@@ -189,19 +205,15 @@ def _mask_sizes(grid_size, num_targets, target_scale, target_aspect, context_sca
     return max(quantile, min_keep), num_target
 
 
-def sample_masks(*, batch_size, grid_size, num_targets, target_scale, target_aspect, context_scale,
-                 context_aspect, allow_overlap, min_keep, seed, step, rank=0):
-    """Multi-block context/target indices for one batch; identical for identical (seed, step, rank).
-
-    grid_size: (H, W) patches; *_scale: (min, max) area fractions; target_aspect: (min, max) of h/w;
-    context_aspect: a number or (min, max). Returns Masks (see the dataclass) whose shapes depend only
-    on the configuration and batch_size (mask_sizes).
-    """
+def sample_masks(config, *, batch_size, grid_size, seed, step, rank=0):
+    """Multi-block context/target indices for one batch of MaskConfig `config` on the (H, W) patch grid;
+    identical for identical (seed, step, rank). Returns Masks (see the dataclass) whose shapes depend
+    only on the configuration and batch_size (mask_sizes)."""
     grid_h, grid_w = grid_size
-    context_aspect = _as_pair(context_aspect)
-    num_context, num_target = mask_sizes(
-        grid_size=grid_size, num_targets=num_targets, target_scale=target_scale, target_aspect=target_aspect,
-        context_scale=context_scale, context_aspect=context_aspect, allow_overlap=allow_overlap, min_keep=min_keep)
+    num_targets, min_keep, allow_overlap = config.num_targets, config.min_keep, config.allow_overlap
+    target_scale, target_aspect = config.target_scale, config.target_aspect
+    context_scale, context_aspect = config.context_scale, config.context_aspect
+    num_context, num_target = mask_sizes(config, grid_size)
     rng = np.random.default_rng([seed, _MASK_STREAM, step, rank])
     th, tw = _block_size(rng, grid_h, grid_w, target_scale, target_aspect, min_keep, "target")
     ch, cw = _block_size(rng, grid_h, grid_w, context_scale, context_aspect, min_keep, "context")
@@ -238,13 +250,11 @@ def sample_masks(*, batch_size, grid_size, num_targets, target_scale, target_asp
 
 def _benchmark(batch_size=256, grid=(14, 14), calls=200):
     """Mean milliseconds per call with the default masking config."""
-    kwargs = dict(batch_size=batch_size, grid_size=grid, num_targets=4, target_scale=(0.15, 0.2),
-                  target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), context_aspect=1.0,
-                  allow_overlap=False, min_keep=10, seed=0, rank=0)
-    sample_masks(step=0, **kwargs)
+    config = MaskConfig()
+    sample_masks(config, batch_size=batch_size, grid_size=grid, seed=0, step=0)
     start = time.perf_counter()
     for step in range(calls):
-        sample_masks(step=step, **kwargs)
+        sample_masks(config, batch_size=batch_size, grid_size=grid, seed=0, step=step)
     return (time.perf_counter() - start) / calls * 1e3
 
 

@@ -24,6 +24,8 @@ Two choices make the levels' losses mean what their weights say (bench/hierarchy
   level losses rose 7-15% over unnormalised, to the level-0 scale.
 """
 import copy
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -130,7 +132,7 @@ class HJEPA(nn.Module):
         self.level_depths = list(level_depths)  # 1-based target-encoder block per level
         self.loss_name = loss
         self.normalize_levels = normalize_levels
-        self.model_config = {}  # filled by build_model
+        self.config, self.model_config = None, {}  # filled by build_model
 
     @property
     def grid_size(self):
@@ -234,39 +236,73 @@ class HJEPA(nn.Module):
 def _level_depths(level_depths, num_levels, encoder_depth):
     if not level_depths:
         return [encoder_depth] * num_levels
-    if len(level_depths) != num_levels:
-        raise UserError(f"model.level_depths has {len(level_depths)} entries but model.num_levels is {num_levels}")
-    depths = []
     for d in level_depths:
-        if float(d) != int(d) or not 1 <= int(d) <= encoder_depth:
+        if not 1 <= d <= encoder_depth:
             raise UserError(f"model.level_depths entry {d} is not a block number between 1 and {encoder_depth}")
-        depths.append(int(d))
-    return depths
+    return list(level_depths)
 
 
-def build_model(*, arch, patch_size, image_size, predictor_embed_dim=384, predictor_depth=6,
-                predictor_num_heads=6, num_levels=3, level_weights=(1.0, 0.5, 0.25), level_depths=(),
-                loss="smooth_l1", drop_path=0.0, normalize_levels=True):
-    """Build H-JEPA from plain keyword arguments; `model.model_config` records them for checkpoints."""
-    if num_levels < 1:
-        raise UserError(f"model.num_levels must be at least 1, got {num_levels}")
-    level_weights = [float(w) for w in level_weights]
-    if len(level_weights) != num_levels:
-        raise UserError(f"model.level_weights has {len(level_weights)} entries but model.num_levels is {num_levels}")
-    if loss not in LOSSES:
-        raise UserError(f"model.loss {loss!r} is not one of {', '.join(LOSSES)}")
-    context_encoder = build_encoder(arch, patch_size=patch_size, image_size=image_size, drop_path=drop_path)
-    depths = _level_depths(list(level_depths), num_levels, context_encoder.depth)
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines an H-JEPA architecture (the model section, plus data.image_size).
+    Checkpoints record it as `as_record()`; `from_record` reads it back."""
+    arch: str = "vit_small"           # encoder size: vit_micro | vit_tiny | vit_small | vit_base | vit_large
+    patch_size: int = 16              # pixels
+    image_size: int = 224             # pixels
+    predictor_embed_dim: int = 384
+    predictor_depth: int = 6
+    predictor_num_heads: int = 6
+    num_levels: int = 3               # level h pools 2^h x 2^h patches
+    level_weights: tuple = (1.0, 0.5, 0.25)
+    level_depths: tuple = ()          # target-encoder block per level (1-based); () = the final block
+    loss: str = "smooth_l1"
+    drop_path: float = 0.0            # stochastic depth of the context encoder
+    normalize_levels: bool = True     # layer-norm each pooled level >= 1 target
+
+    def __post_init__(self):
+        # Lists from YAML, JSON or a checkpoint become tuples: the config stays hashable and comparable.
+        object.__setattr__(self, "level_weights", tuple(float(w) for w in self.level_weights))
+        if any(float(d) != int(d) for d in self.level_depths):
+            raise UserError(f"model.level_depths {list(self.level_depths)} must be block numbers (integers)")
+        object.__setattr__(self, "level_depths", tuple(int(d) for d in self.level_depths))
+        if self.num_levels < 1:
+            raise UserError(f"model.num_levels must be at least 1, got {self.num_levels}")
+        if len(self.level_weights) != self.num_levels:
+            raise UserError(f"model.level_weights has {len(self.level_weights)} entries but model.num_levels "
+                            f"is {self.num_levels}")
+        if self.level_depths and len(self.level_depths) != self.num_levels:
+            raise UserError(f"model.level_depths has {len(self.level_depths)} entries but model.num_levels "
+                            f"is {self.num_levels}")
+        if self.loss not in LOSSES:
+            raise UserError(f"model.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
+
+    def as_record(self):
+        """Plain types only (lists, not tuples), as checkpoints and JSON hold them."""
+        record = dataclasses.asdict(self)
+        record["level_weights"], record["level_depths"] = list(self.level_weights), list(self.level_depths)
+        return record
+
+    @classmethod
+    def from_record(cls, record):
+        unknown = sorted(set(record) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"model config has unknown keys {', '.join(unknown)} (written by another version?)")
+        return cls(**record)
+
+
+def build_model(config):
+    """H-JEPA of ModelConfig `config`; `model.config` keeps it and `model.model_config` its record."""
+    context_encoder = build_encoder(config.arch, patch_size=config.patch_size, image_size=config.image_size,
+                                    drop_path=config.drop_path)
+    depths = _level_depths(list(config.level_depths), config.num_levels, context_encoder.depth)
     predictor = Predictor(grid_size=context_encoder.grid_size, embed_dim=context_encoder.embed_dim,
-                          predictor_embed_dim=predictor_embed_dim, depth=predictor_depth,
-                          num_heads=predictor_num_heads)
+                          predictor_embed_dim=config.predictor_embed_dim, depth=config.predictor_depth,
+                          num_heads=config.predictor_num_heads)
     head_levels = [level for level, d in enumerate(depths) if d != context_encoder.depth]
-    level_heads = LevelHeads(head_levels, predictor_embed_dim, context_encoder.embed_dim) if head_levels else None
-    model = HJEPA(context_encoder, predictor, level_weights=level_weights, level_depths=depths, loss=loss,
-                  level_heads=level_heads, normalize_levels=bool(normalize_levels))
-    model.model_config = dict(arch=arch, patch_size=int(patch_size), image_size=int(image_size),
-                              predictor_embed_dim=int(predictor_embed_dim), predictor_depth=int(predictor_depth),
-                              predictor_num_heads=int(predictor_num_heads), num_levels=int(num_levels),
-                              level_weights=level_weights, level_depths=[int(d) for d in level_depths],
-                              loss=loss, drop_path=float(drop_path), normalize_levels=bool(normalize_levels))
+    level_heads = (LevelHeads(head_levels, config.predictor_embed_dim, context_encoder.embed_dim)
+                   if head_levels else None)
+    model = HJEPA(context_encoder, predictor, level_weights=config.level_weights, level_depths=depths,
+                  loss=config.loss, level_heads=level_heads, normalize_levels=config.normalize_levels)
+    model.config = config
+    model.model_config = config.as_record()
     return model

@@ -18,20 +18,20 @@ import torch
 from tqdm import tqdm
 
 from hjepa import checkpoint as ckpt_io
-from hjepa import schedules
-from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_kwargs, model_kwargs, save_config,
-                          train_loader_kwargs)
+from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_config, model_config,
+                          optim_config, save_config, train_loader_kwargs)
 from hjepa.data import build_eval_loader, build_train_loader, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.flops import mfu, train_flops_per_image
-from hjepa.masks import sample_masks
+from hjepa.masks import MaskConfig, sample_masks
 from hjepa.model import build_model
 from hjepa.plots import draw_run
 from hjepa.probe import knn_monitor
 from hjepa.parallel import (all_gather_tensor, all_reduce_sum, broadcast_object, cleanup_distributed,
                             init_distributed, parameter_checksum)
 from hjepa.runlog import MetricsLog, ThroughputMeter, git_commit, make_run_dir, new_run_name
+from hjepa.schedules import schedule_values
 from hjepa.sampler import expected_counts_table
 
 
@@ -129,10 +129,10 @@ def build_training(cfg, info, device, say):
         say("expected samples per member per epoch:\n" + counts_table)
     monitor_loaders = build_monitor_loaders(cfg, loader, build=info.is_main)
 
-    model = build_model(**model_kwargs(cfg)).to(device)
-    peak_lr = cfg["optim.lr"] * global_batch / 256  # lr is given per 256 images
-    optimizer = build_optimizer(model, lr=peak_lr, weight_decay=cfg["optim.weight_decay"],
-                                betas=(cfg["optim.beta1"], cfg["optim.beta2"]))
+    model = build_model(model_config(cfg)).to(device)
+    optim = optim_config(cfg)
+    optimizer = build_optimizer(model, lr=optim.peak_lr(global_batch), weight_decay=optim.weight_decay,
+                                betas=(optim.beta1, optim.beta2))
     path = resume_path(cfg, run_dir)
     start_step = restore_checkpoint(path, model, optimizer, steps_per_epoch) if path else 0
     if path:
@@ -140,14 +140,14 @@ def build_training(cfg, info, device, say):
 
     if info.is_main:
         prepare_run_dir(cfg, run_dir)
-    masking = mask_kwargs(cfg)
+    masking = mask_config(cfg)
     loop = EpochLoop(
         cfg=cfg, info=info, device=device, model=model, forward=wrap_for_training(model, cfg, info, device),
         optimizer=optimizer, loader=loader, run_dir=run_dir, masking=masking, step=start_step,
         stop_step=stop_step, global_batch=global_batch, amp_dtype=autocast_dtype(device, cfg["hardware.bf16"]),
         log=MetricsLog(os.path.join(run_dir, "metrics.jsonl")) if info.is_main else None,
-        schedule_at=functools.partial(schedule_values, cfg=cfg, peak_lr=peak_lr, total_steps=total_steps,
-                                      warmup_steps=round(cfg["optim.warmup_epochs"] * steps_per_epoch)),
+        schedule_at=functools.partial(schedule_values, optim=optim, total_steps=total_steps, global_batch=global_batch,
+                                      warmup_steps=round(optim.warmup_epochs * steps_per_epoch)),
         flops_per_image=train_flops_per_image(model.model_config, masking=masking,
                                               num_patches=model.grid_size[0] * model.grid_size[1]))
     checkpointer = ckpt_io.Checkpointer(
@@ -273,7 +273,7 @@ class EpochLoop:
     loader: object
     log: object
     run_dir: str
-    masking: dict
+    masking: MaskConfig
     step: int  # the global step: batches trained so far, over all epochs
     stop_step: int
     global_batch: int
@@ -301,8 +301,8 @@ class EpochLoop:
             meter.received()
             counts = torch.bincount(dataset_idx, minlength=1)
             self.member_counts = counts if self.member_counts is None else _add_counts(self.member_counts, counts)
-            masks = sample_masks(batch_size=images.shape[0], grid_size=self.model.grid_size,
-                                 seed=cfg["training.seed"], step=step, rank=self.info.rank, **self.masking)
+            masks = sample_masks(self.masking, batch_size=images.shape[0], grid_size=self.model.grid_size,
+                                 seed=cfg["training.seed"], step=step, rank=self.info.rank)
             if step == 0 and self.info.is_main:
                 save_mask_examples(self.run_dir, images, masks, self.model.grid_size)
             x = normalize_images(images, self.device, self.amp_dtype or torch.float32)  # (B, 3, H, W)
@@ -367,18 +367,6 @@ def log_parameter_checksums(log, model, step, info, device):
         log.write({"step": step, "param_checksums": sums})
     if len(set(sums)) > 1:
         print(f"warning: parameters differ across ranks: {sums}", file=sys.stderr)
-
-
-def schedule_values(step, *, cfg, peak_lr, total_steps, warmup_steps):
-    """{lr, weight_decay, momentum} at `step`: pure functions of the step (hjepa.schedules)."""
-    o = "optim."
-    return dict(
-        lr=schedules.learning_rate(step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=peak_lr,
-                                   warmup_start_lr=peak_lr * cfg[o + "warmup_start_factor"], min_lr=cfg[o + "min_lr"]),
-        weight_decay=schedules.weight_decay(step, total_steps=total_steps, start=cfg[o + "weight_decay"],
-                                            end=cfg[o + "final_weight_decay"]),
-        momentum=schedules.ema_momentum(step, total_steps=total_steps, start=cfg[o + "ema_start"],
-                                        end=cfg[o + "ema_end"]))
 
 
 def training_state(model, optimizer, cfg, *, step, epoch, steps_per_epoch):

@@ -3,14 +3,13 @@ import pytest
 import torch
 
 from hjepa.engine import build_optimizer, train_step
-from hjepa.masks import sample_masks
+from hjepa.masks import MaskConfig, sample_masks
 from hjepa.model import HJEPA, LevelHeads
 from hjepa.predictor import Predictor
 from hjepa.vit import VisionTransformer
 
 # The masking section's defaults (I-JEPA's masks) on a 14 x 14 grid: block sizes vary per batch.
-DEFAULT_MASKING = dict(num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
-                       context_aspect=1.0, allow_overlap=False, min_keep=10)
+DEFAULT_MASKING = MaskConfig()
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +51,7 @@ def test_compiled_train_step_compiles_once_over_200_steps_of_default_masks(level
     # recompile (with them, Dynamo would hide a varying size behind a second, dynamic-shape graph).
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         for step in range(200):
-            masks = sample_masks(batch_size=2, grid_size=(14, 14), seed=0, step=step, **DEFAULT_MASKING)
+            masks = sample_masks(DEFAULT_MASKING, batch_size=2, grid_size=(14, 14), seed=0, step=step)
             block_sizes.add(masks.tgt_shape)
             out = train_step(model, forward, optimizer, images, masks, lr=1e-4, weight_decay=0.05, momentum=0.996)
     assert len(block_sizes) > 5  # the draws did vary

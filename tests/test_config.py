@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hjepa.config import config_as_dict, config_from_cli, help_text, load_config, parse_argv, save_config
+import dataclasses
+
+from hjepa.config import (config_as_dict, config_from_cli, help_text, load_config, mask_config, model_config,
+                          optim_config, parse_argv, save_config)
+from hjepa.masks import MaskConfig
+from hjepa.model import ModelConfig
+from hjepa.schedules import OptimConfig
 from hjepa.errors import UserError, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,3 +211,47 @@ def test_print_config_is_yaml_that_loads_back_to_the_same_values(tmp_path, capsy
     assert set(printed) == {"data", "model"}
     expected = config_as_dict(load_config(argv=argv[:-1]), ("data", "model"))
     assert config_as_dict(load_config(config_files=[str(tmp_path / "printed.yaml")]), ("data", "model")) == expected
+
+
+def test_a_range_is_one_key_with_two_values_in_yaml_and_on_the_command_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("masking:\n  target_scale: [0.1, 0.25]\n")
+    cfg = load_config(argv=["--config-file", str(path), "--data.crop_scale=0.3,1.0"])
+    assert cfg["masking.target_scale"] == (0.1, 0.25)
+    assert cfg["data.crop_scale"] == (0.3, 1.0)
+
+
+@pytest.mark.parametrize("bad", ["0.3", "0.5,0.3", "0.1,0.2,0.3", "a,b"])
+def test_a_range_needs_two_ordered_numbers(bad):
+    with pytest.raises(UserError, match="data.crop_scale"):
+        load_config(argv=[f"--data.crop_scale={bad}"])
+
+
+@pytest.mark.parametrize("old,new", [("data.crop_scale_min", "data.crop_scale"),
+                                     ("masking.target_aspect_max", "masking.target_aspect"),
+                                     ("masking.context_scale_min", "masking.context_scale")])
+def test_an_old_min_max_key_is_an_error_naming_its_replacement(old, new):
+    with pytest.raises(UserError, match=rf"'{old}'.*removed.*use {new}: \[lo, hi\]"):
+        load_config(argv=[f"--{old}=0.5"])
+
+
+@pytest.mark.parametrize("build,section,cls", [(model_config, "model", ModelConfig),
+                                               (mask_config, "masking", MaskConfig),
+                                               (optim_config, "optim", OptimConfig)])
+def test_each_typed_config_takes_every_field_from_its_section(build, section, cls):
+    cfg = load_config(argv=["--data.image_size=96", "--model.num_levels=2", "--model.level_weights=1,0.25",
+                            "--masking.target_scale=0.1,0.3", "--optim.lr=0.002"])
+    values = {f.name: cfg["data.image_size"] if f.name == "image_size" else cfg[f"{section}.{f.name}"]
+              for f in dataclasses.fields(cls)}
+    assert build(cfg) == cls(**values)
+    assert build(cfg) != cls()  # the overrides above reached it
+
+
+def test_model_config_round_trips_through_its_checkpoint_record():
+    config = model_config(load_config(argv=["--model.num_levels=2", "--model.level_weights=1,0.5",
+                                            "--model.level_depths=6,12"]))
+    record = config.as_record()
+    assert record["level_depths"] == [6, 12] and record["level_weights"] == [1.0, 0.5]
+    assert ModelConfig.from_record(record) == config
+    with pytest.raises(UserError, match="unknown keys hidden_dim"):
+        ModelConfig.from_record({**record, "hidden_dim": 3})

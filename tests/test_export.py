@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from eval import export as export_tool
 from hjepa.checkpoint import save_checkpoint
-from hjepa.model import build_model
+from hjepa.model import ModelConfig, build_model
 from hjepa.vit import sincos_pos_embed_2d
 
 timm = pytest.importorskip("timm")  # a dev dependency: present wherever the test suite is installed
@@ -17,8 +17,8 @@ timm = pytest.importorskip("timm")  # a dev dependency: present wherever the tes
 def checkpoint(tmp_path_factory):
     """A training checkpoint of a 32 px vit_micro whose context and target encoders differ."""
     torch.manual_seed(0)
-    model = build_model(arch="vit_micro", patch_size=4, image_size=32, predictor_embed_dim=48, predictor_depth=1,
-                        predictor_num_heads=2)
+    model = build_model(ModelConfig(arch="vit_micro", patch_size=4, image_size=32, predictor_embed_dim=48, predictor_depth=1,
+                        predictor_num_heads=2))
     with torch.no_grad():
         for p in model.context_encoder.parameters():
             p.add_(0.01 * torch.randn_like(p))

@@ -5,8 +5,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hjepa.flops import mfu, step_flops_breakdown, train_flops_per_image, train_step_flops
-from hjepa.masks import mask_sizes, sample_masks
-from hjepa.model import build_model
+from hjepa.masks import MaskConfig, mask_sizes, sample_masks
+from hjepa.model import ModelConfig, build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,7 +23,7 @@ def counted_step_flops_per_image(model, batch_size, masking, grid):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, grid * model.context_encoder.patch_size,
                          grid * model.context_encoder.patch_size, generator=g)
-    masks = sample_masks(batch_size=batch_size, grid_size=(grid, grid), seed=0, step=0, **masking)
+    masks = sample_masks(masking, batch_size=batch_size, grid_size=(grid, grid), seed=0, step=0)
     # On the CPU, torch 2.14's FlopCounterMode has no formula for the CPU flash-attention kernel and
     # counts SDPA as 0 FLOPs; the math backend decomposes attention into counted matmuls.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -31,15 +31,15 @@ def counted_step_flops_per_image(model, batch_size, masking, grid):
     return counter.get_total_flops() / batch_size
 
 
-SMALL_MASKING = dict(num_targets=4, target_scale=(0.08, 0.1), target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
-                     context_aspect=1.0, allow_overlap=False, min_keep=4)  # on an 8 x 8 grid
+SMALL_MASKING = MaskConfig(num_targets=4, target_scale=(0.08, 0.1), target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0),
+                           context_aspect=1.0, allow_overlap=False, min_keep=4)  # on an 8 x 8 grid
 
 
 @pytest.mark.parametrize("level_depths", [[], [6, 12, 12]], ids=["final-block targets", "with a level head"])
 def test_analytic_flops_match_flop_counter_within_5_percent(level_depths):
-    model = build_model(arch="vit_tiny", patch_size=4, image_size=32, predictor_embed_dim=64, predictor_depth=2,
+    model = build_model(ModelConfig(arch="vit_tiny", patch_size=4, image_size=32, predictor_embed_dim=64, predictor_depth=2,
                         predictor_num_heads=4, num_levels=3, level_weights=[1.0, 0.5, 0.25],
-                        level_depths=level_depths)  # an 8 x 8 grid
+                        level_depths=level_depths))  # an 8 x 8 grid
     counted = counted_step_flops_per_image(model, batch_size=2, masking=SMALL_MASKING, grid=8)
     analytic = train_flops_per_image(model.model_config, masking=SMALL_MASKING, num_patches=64)
     assert analytic == pytest.approx(counted, rel=0.05)
@@ -61,12 +61,11 @@ def test_vit_small_target_forward_is_about_9_2_gflops():
     assert parts["target"] == pytest.approx(9.2e9, rel=0.03)
 
 
-IJEPA_MASKING = dict(num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
-                     context_scale=(0.85, 1.0), context_aspect=1.0, allow_overlap=False, min_keep=10)
+IJEPA_MASKING = MaskConfig()  # the defaults are I-JEPA's masks
 
 
 def test_flops_per_image_use_the_masks_fixed_token_counts():
-    num_context, num_target = mask_sizes(grid_size=(14, 14), **IJEPA_MASKING)
+    num_context, num_target = mask_sizes(IJEPA_MASKING, (14, 14))
     config = dict(arch="vit_small", patch_size=16, image_size=224, predictor_embed_dim=384, predictor_depth=6)
     assert (train_flops_per_image(config, masking=IJEPA_MASKING, num_patches=196)
             == train_step_flops(config, num_context=num_context, num_target=num_target, num_targets=4))

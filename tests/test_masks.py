@@ -3,21 +3,26 @@ import numpy as np
 import pytest
 import torch
 
-from hjepa.masks import _random_subset, mask_sizes, sample_masks
+from hjepa.masks import MaskConfig, _random_subset, mask_sizes, sample_masks
 
 GRID = (14, 14)
-DEFAULTS = dict(batch_size=32, grid_size=GRID, num_targets=4, target_scale=(0.15, 0.2),
-                target_aspect=(0.75, 1.5), context_scale=(0.85, 1.0), context_aspect=1.0,
-                allow_overlap=False, min_keep=10, seed=0, rank=0)
+DRAW = dict(batch_size=32, grid_size=GRID, seed=0, rank=0)  # the rest: MaskConfig's defaults (I-JEPA's masks)
+
+
+def split(overrides):
+    """(MaskConfig, sample_masks' other arguments) of the defaults with `overrides`."""
+    draw = {k: overrides.pop(k) for k in list(overrides) if k in DRAW}
+    return MaskConfig(**overrides), {**DRAW, **draw}
 
 
 def masks(step=0, **overrides):
-    return sample_masks(**{**DEFAULTS, **overrides}, step=step)
+    config, draw = split(overrides)
+    return sample_masks(config, **draw, step=step)
 
 
 def sizes(**overrides):
-    config = {k: v for k, v in {**DEFAULTS, **overrides}.items() if k not in ("batch_size", "seed", "rank")}
-    return mask_sizes(**config)
+    config, draw = split(overrides)
+    return mask_sizes(config, draw["grid_size"])
 
 
 def test_masks_are_int64_index_tensors_of_the_documented_shapes():

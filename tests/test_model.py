@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hjepa.errors import UserError
-from hjepa.model import build_model, gather_target_blocks, level_cells, level_loss, pool_target_blocks
+from hjepa.model import ModelConfig, build_model, gather_target_blocks, level_cells, level_loss, pool_target_blocks
 from hjepa.vit import ARCHS, Attention, VisionTransformer, build_encoder
 
 SMALL_MODEL = dict(arch="vit_tiny", patch_size=8, image_size=32, predictor_embed_dim=64, predictor_depth=2,
@@ -160,7 +160,7 @@ def test_residual_projections_are_rescaled_by_depth_at_init():
 
 
 def test_predictor_returns_one_prediction_per_target_token_at_encoder_width():
-    model = build_model(**SMALL_MODEL, num_levels=1, level_weights=[1.0])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0]))
     images, ctx_idx, tgt_idx, _ = make_batch(num_targets=3, tgt_shape=(2, 3))
     z_ctx = model.context_encoder(images, ctx_idx)
     z_pred, hidden = model.predictor(z_ctx, ctx_idx, tgt_idx, return_hidden=True)
@@ -277,7 +277,7 @@ def ijepa_reference_loss(model, images, ctx_idx, tgt_idx, loss_fn):
 @pytest.mark.parametrize("loss,loss_fn", [("smooth_l1", F.smooth_l1_loss), ("mse", F.mse_loss)])
 def test_one_level_loss_equals_ijepa_reference(loss, loss_fn):
     torch.manual_seed(0)
-    model = build_model(**SMALL_MODEL, num_levels=1, level_weights=[1.0], loss=loss)
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0], loss=loss))
     model.update_target(0.5)  # make the target differ from the context encoder (both start equal)
     with torch.no_grad():
         for p in model.context_encoder.parameters():
@@ -292,7 +292,7 @@ def test_one_level_loss_equals_ijepa_reference(loss, loss_fn):
 
 def test_padding_changes_no_level_loss_and_gets_no_gradient():
     torch.manual_seed(0)
-    model = build_model(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25]))
     images, ctx_idx, tgt_idx, tgt_pos = make_batch(tgt_shape=(3, 2), num_target_tokens=8)
     unpadded = model(images, ctx_idx, tgt_idx[..., :6], tgt_pos[:6])
     queries = []
@@ -306,7 +306,7 @@ def test_padding_changes_no_level_loss_and_gets_no_gradient():
 
 
 def test_loss_is_the_weighted_sum_of_level_losses():
-    model = build_model(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25]))
     out = model(*make_batch(tgt_shape=(3, 3)))
     assert out["level_losses"].shape == (3,)
     expected = out["level_losses"] @ torch.tensor([1.0, 0.5, 0.25])
@@ -315,7 +315,7 @@ def test_loss_is_the_weighted_sum_of_level_losses():
 
 def test_level_depths_take_targets_from_intermediate_blocks_through_heads():
     torch.manual_seed(0)
-    model = build_model(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], level_depths=[4, 12])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], level_depths=[4, 12]))
     assert model.level_heads.levels == [0]
     images, ctx_idx, tgt_idx, tgt_pos = make_batch(tgt_shape=(2, 2))
     targets = model.target_features(images, tgt_idx)
@@ -335,11 +335,11 @@ def test_level_depths_take_targets_from_intermediate_blocks_through_heads():
 ])
 def test_inconsistent_level_settings_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
-        build_model(**SMALL_MODEL, **kwargs)
+        build_model(ModelConfig(**SMALL_MODEL, **kwargs))
 
 
 def test_identical_images_give_zero_target_std_across_the_batch():
-    model = build_model(**SMALL_MODEL, num_levels=1, level_weights=[1.0])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0]))
     images, ctx_idx, tgt_idx, tgt_pos = make_batch(batch_size=2)
     images[1] = images[0]
     ctx_idx[1] = ctx_idx[0]
@@ -356,7 +356,7 @@ def test_identical_images_give_zero_target_std_across_the_batch():
 
 
 def test_target_encoder_gets_no_gradient_and_is_not_optimised():
-    model = build_model(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5]))
     model(*make_batch())["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in model.target_encoder.parameters())
     assert all(p.grad is not None for p in model.context_encoder.parameters())
@@ -366,7 +366,7 @@ def test_target_encoder_gets_no_gradient_and_is_not_optimised():
 
 
 def test_param_groups_decay_only_matrices():
-    model = build_model(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], level_depths=[6, 12])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], level_depths=[6, 12]))
     decay, no_decay = model.param_groups(0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"])
@@ -378,7 +378,7 @@ def test_param_groups_decay_only_matrices():
 
 
 def test_ema_with_momentum_0_copies_and_with_momentum_1_freezes():
-    model = build_model(**SMALL_MODEL, num_levels=1, level_weights=[1.0])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0]))
     with torch.no_grad():
         for p in model.context_encoder.parameters():
             p.add_(torch.randn_like(p))
@@ -391,7 +391,7 @@ def test_ema_with_momentum_0_copies_and_with_momentum_1_freezes():
 
 
 def test_ema_moves_the_target_by_one_minus_momentum():
-    model = build_model(**SMALL_MODEL, num_levels=1, level_weights=[1.0])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0]))
     target, context = model.target_encoder.norm.bias, model.context_encoder.norm.bias
     with torch.no_grad():
         context.fill_(1.0)
@@ -401,21 +401,21 @@ def test_ema_moves_the_target_by_one_minus_momentum():
 
 
 def test_drop_path_is_off_in_the_target_encoder():
-    model = build_model(**SMALL_MODEL, num_levels=1, level_weights=[1.0], drop_path=0.5).train()
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0], drop_path=0.5)).train()
     assert model.context_encoder.blocks[-1].drop_path == 0.5
     assert all(block.drop_path == 0.0 for block in model.target_encoder.blocks)
 
 
 def test_model_config_records_the_build_kwargs():
-    model = build_model(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], level_depths=[])
-    rebuilt = build_model(**model.model_config)
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], level_depths=[]))
+    rebuilt = build_model(ModelConfig.from_record(model.model_config))
     assert rebuilt.model_config == model.model_config
     assert set(rebuilt.state_dict()) == set(model.state_dict())
 
 
 def test_loss_falls_when_overfitting_one_small_batch():
     torch.manual_seed(0)
-    model = build_model(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5])
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5]))
     optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
     batch = make_batch(batch_size=4, tgt_shape=(2, 2))
     losses = []
