@@ -263,6 +263,8 @@ def section_train(arch_index):
         # ViT-S's graphs (used by the short run, which comes before ViT-B) would otherwise sit in the
         # same frame's cache and shape ViT-B's compile (dimensions that differ become dynamic).
         torch._dynamo.reset()
+        if arch_index == 1:
+            run.kept.pop("vit_small", None)  # the short run is done: free its memory
         cfg = run.config(run.size["archs"][arch_index])
         memory0 = reset_memory_stats(run)
         trainer = Trainer(run, cfg)
