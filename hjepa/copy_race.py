@@ -64,7 +64,7 @@ def check_device_copies(batches, device, *, steps, to_device=images_to_device, m
     running mean), so the copy waits in the stream while the host fetches the next batches; the host
     waits only for the step max_steps_ahead back, as a training loop's queue of kernels makes it wait.
     Returns {steps, batch_size, mismatched_batches, first_mismatch_step, passed, host_lead_steps_mean,
-    host_lead_steps_max, host_step_ms, seconds}.
+    host_lead_steps_max, host_step_ms, loop_s}.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -94,4 +94,4 @@ def check_device_copies(batches, device, *, steps, to_device=images_to_device, m
                 first_mismatch_step=int(mismatched.nonzero()[0]) if mismatched.any() else None,
                 passed=not bool(mismatched.any()), host_lead_steps_mean=round(float(np.mean(leads or [0])), 1),
                 host_lead_steps_max=max(leads, default=0), host_step_ms=round(host_ms, 1),
-                seconds=round(time.perf_counter() - t0, 1))
+                loop_s=round(time.perf_counter() - t0, 1))
