@@ -1,6 +1,6 @@
 """Every GPU figure of the project from one command: loader, training speed, copy race, short run, memory.
 
-    bench/device_check.sh [--out device_check.json] [--sections loader,train_vit_small,...] [--budget-s 450]
+    bench/device_check.sh [--out device_check.json] [--sections loader,train_vit_small,...] [--budget-s 470]
     bench/device_check.sh --smoke      # the same code paths on the CPU at toy sizes (make test runs it)
 
 GPU time comes in short visits, so one call measures everything within --budget-s (a section that no
@@ -12,16 +12,22 @@ Sections, in order (data always runs; --sections picks among the others):
                    to a beton by the project's writer.
   loader           the train loader at --num-workers threads: uint8 images/s, and images/s moved to
                    the device and normalised there.
-  copy_race        >= 500 loader batches: each batch's checksum taken on the host before the copy
-                   equals the checksum of the device copy, while queued GPU work keeps the host ahead.
+  copy_race        hjepa.copy_race on >= 500 loader batches: each batch's checksum taken on the host
+                   before the copy equals the checksum of the device copy, while queued GPU work keeps
+                   the host ahead; then the racy direct copy on 100 batches, which should mismatch.
   train_vit_small  ViT-S/16 as rn_configs/h100_100ep.yaml trains it (224 px, batch 256, bf16,
-                   torch.compile): warm-up until no new graphs, then one timed window on a
-                   device-resident batch (model speed) and one fed by the loader (data-wait); MFU,
-                   graphs compiled after warm-up, peak memory.
+                   torch.compile): a few warm-up steps (the masks' shapes are fixed, so everything
+                   compiles in the first), then one timed window on a device-resident batch (model
+                   speed) and one fed by the loader (data-wait); MFU, graphs compiled after warm-up
+                   (goal: none), peak memory.
   short_run        300 steps of that ViT-S from its initial weights (its compiled graphs reused) with
                    the trainer's schedules on the generated beton: the loss must fall and target_std
                    stay above a floor.
-  train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilations cost the most.
+  train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilation costs the most.
+
+Seconds each section takes on one H100 (budgeted in MIN_SECONDS; imports and CUDA start ~10): data 15,
+loader 20, copy_race 45, train_vit_small 110 (inductor compile ~60-90), short_run 30, train_vit_base 140
+(compile ~90-120): ~370 s, inside the default budget of 470 s; the watchdog stops it at 530 s.
 """
 import time
 
@@ -29,53 +35,45 @@ START = time.perf_counter()  # the budget counts from here: the imports below ta
 
 import argparse
 import copy
-import functools
-import json
 import math
-import multiprocessing
 import os
 import sys
 import tempfile
-import threading
-import traceback
-
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # run by path from anywhere
 
 import numpy as np
 import torch
-from PIL import Image
 
 from hjepa.beton import read_manifest, write_beton
-from hjepa.config import load_config
-from hjepa.data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader, normalize_images
+from hjepa.budgeted_run import BudgetedRun
+from hjepa.compile_stats import compilation_records, compile_log, compiled_graphs
+from hjepa.config import load_config, mask_config, model_config, optim_config
+from hjepa.copy_race import check_device_copies, direct_copy
+from hjepa.data import build_train_loader, images_to_device, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import UserError
-from hjepa.flops import mfu, train_flops_per_image
+from hjepa.flops import datasheet_peak_tflops, mfu, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
 from hjepa.runlog import cpu_model, git_commit
-from hjepa.sources import image_folder_samples
-from hjepa.synthetic import KINDS, draw_image
-from hjepa.config import mask_config, model_config, optim_config
 from hjepa.schedules import schedule_values
+from hjepa.sources import image_folder_samples
+from hjepa.synthetic import write_photo_like_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
-# What differs between the GPU run and --smoke. warmup: (min steps, steps without a new graph, max steps).
+# Seconds a section takes on one H100, compiles included (see the docstring): one that no longer fits
+# in what is left of --budget-s is skipped.
+MIN_SECONDS = dict(data=0, loader=20, copy_race=45, train_vit_small=110, short_run=30, train_vit_base=140)
+# What differs between the GPU run and --smoke. warmup_steps: steps before the timed windows; the masks'
+# shapes are fixed per masking config, so the graphs compile in the first and the rest show none follow.
 GPU = dict(config="rn_configs/h100_100ep.yaml", overrides={}, archs=("vit_small", "vit_base"), num_images=4000,
-           image_sides=(300, 500), loader_seconds=4.0, warmup=(15, 10, 60), timed_steps=50, race_steps=500,
-           short_steps=300, compile_backend="inductor",
-           # seconds a section needs at least (compiles included); one that no longer fits is skipped
-           min_seconds=dict(data=0, loader=15, copy_race=25, train_vit_small=100, short_run=25, train_vit_base=100))
+           image_sides=(300, 500), loader_seconds=4.0, warmup_steps=3, timed_steps=50, race_steps=500,
+           control_steps=100, short_steps=300, compile_backend="inductor", min_seconds=MIN_SECONDS)
 SMOKE = dict(config="rn_configs/cpu_demo.yaml", archs=("vit_micro", "vit_micro"), num_images=64, image_sides=(40, 64),
-             overrides={"data.image_size": 32, "model.patch_size": 4, "data.batch_size": 8, "cfg.max_resolution": 64},
-             loader_seconds=0.0, warmup=(2, 2, 6), timed_steps=3, race_steps=12, short_steps=16,
+             overrides={"data.image_size": 32, "model.patch_size": 4, "data.batch_size": 8, "cfg.short_side": 40},
+             loader_seconds=0.0, warmup_steps=2, timed_steps=3, race_steps=12, control_steps=4, short_steps=16,
              compile_backend="eager",  # dynamo's graph capture and guards without minutes of inductor codegen
              min_seconds=dict.fromkeys(SECTIONS, 0))
-# Dense bf16 TFLOP/s per GPU from the vendors' datasheets (half the "with sparsity" figure); the first key
-# found in torch.cuda.get_device_name() wins, so the specific names come first.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
-                    ("H200", 989.0), ("A100", 312.0))
 IN100_TRAIN_IMAGES = 126_689  # the ImageNet-100 train split (README)
 TARGETS = {"vit_small_img_s": 6000.0, "vit_base_img_s": 3200.0, "data_wait_fraction": 0.02,
            "in100_100ep_minutes": 40.0}  # on one H100; README marks them as targets until measured
@@ -86,39 +84,31 @@ TARGETS = {"vit_small_img_s": 6000.0, "vit_base_img_s": 3200.0, "data_wait_fract
 TARGET_STD_FLOOR = 0.05
 
 
-def peak_tflops(device, fallback):
-    """Dense bf16 TFLOP/s of the card by name, else --peak-tflops (0 = unknown: MFU is left out)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), fallback)
-
-
 # ----------------------------------------------------------------------------------------------
-# The run: sections, budget, partial JSON, watchdog
+# The run: what the sections share (budget, partial JSON and watchdog: hjepa.budgeted_run)
 
 
-class Run:
+class Run(BudgetedRun):
     def __init__(self, args):
-        self.args, self.start, self.current = args, START, None
-        self.size = dict(SMOKE if args.smoke else GPU)
+        self.args, self.size = args, dict(SMOKE if args.smoke else GPU)
         for key in ("num_images", "timed_steps", "race_steps", "short_steps", "compile_backend"):
             self.size[key] = getattr(args, key) or self.size[key]  # a command-line value wins
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                                    else args.device)
         self.peak_tflops = None  # known once describe_device has run
         self.kept = {}  # what later sections reuse: the beton, the loader, the ViT-S trainer
-        self.lock = threading.RLock()
-        self.results = {"meta": {"device": self.device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
-                                 "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-                                 "git_commit": git_commit(REPO_ROOT),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args),
-                                 "sizes": self.size},
-                        "targets": TARGETS, "sections": {}}
+        meta = {"device": self.device.type, "torch": torch.__version__, "cuda": torch.version.cuda,
+                "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "git_commit": git_commit(REPO_ROOT),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args), "sizes": self.size}
+        super().__init__(out=args.out, budget_s=args.budget_s, hard_limit_s=args.hard_limit_s, start=START,
+                         results={"meta": meta, "targets": TARGETS, "sections": {}})
 
     def describe_device(self):
         """Name the device: on CUDA this creates the context, which the data section's forked workers must
         not inherit, so it runs after that section."""
-        self.peak_tflops = peak_tflops(self.device, self.args.peak_tflops)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu ({cpu_model()})"
+        # --peak-tflops for a card not in the table; 0 = unknown: MFU is left out
+        self.peak_tflops = (self.device.type == "cuda" and datasheet_peak_tflops(name)) or self.args.peak_tflops
         self.results["meta"].update(device=name, peak_bf16_tflops=self.peak_tflops)
         self.say(f"device: {name}")
 
@@ -126,78 +116,13 @@ class Run:
         overrides = dict(self.size["overrides"], **{"model.arch": arch})
         return load_config([os.path.join(REPO_ROOT, self.size["config"])], overrides=overrides)
 
-    def elapsed(self):
-        return time.perf_counter() - self.start
-
-    def out_of_time(self):
-        return self.elapsed() > self.args.budget_s
-
-    def say(self, message):
-        print(f"[{self.elapsed():6.1f}s] {message}", flush=True)
-
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def save(self):
-        with self.lock:  # the watchdog thread saves too
-            self.results["meta"]["elapsed_s"] = round(self.elapsed(), 1)
-            with open(self.args.out + ".partial", "w") as f:
-                json.dump(self.results, f, indent=2, default=str)
-            os.replace(self.args.out + ".partial", self.args.out)
-
-    def record(self, **figures):
-        """Add figures to the running section and rewrite the JSON, so a timeout keeps them."""
-        with self.lock:
-            self.results["sections"][self.current].update(figures)
-            self.save()
-
-    def run(self, name, section):
-        self.current = name
-        self.results["sections"][name] = entry = {"status": "running", "started_at_s": round(self.elapsed(), 1)}
-        left, needed = self.args.budget_s - self.elapsed(), self.size["min_seconds"][name]
-        if left < needed:
-            entry.update(status="skipped", reason=f"{left:.0f} s of the budget left, the section needs {needed} s")
-            self.say(f"skip {name}: {entry['reason']}")
-            return self.save()
-        self.say(f"--- {name}")
-        try:
-            section(self)
-            entry["status"] = "ok"
-        except Exception as e:  # a GPU visit must not be lost to one bug: record it, go on, exit 1 at the end
-            traceback.print_exc()
-            entry.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
-        entry["seconds"] = round(self.elapsed() - entry["started_at_s"], 1)
-        self.say(f"{name}: {entry['status']} in {entry['seconds']} s")
-        self.save()
-
-    def start_watchdog(self):
-        def expire():
-            with self.lock:
-                if self.current:
-                    self.results["sections"][self.current]["status"] = "timed_out"
-                self.results["meta"]["timed_out_at_s"] = round(self.elapsed(), 1)
-                self.save()
-            print(f"hard limit of {self.args.hard_limit_s:.0f} s reached; partial results in {self.args.out}")
-            print_table(self.results)
-            os._exit(124)
-
-        timer = threading.Timer(self.args.hard_limit_s, expire)
-        timer.daemon = True
-        timer.start()
-
 
 # ----------------------------------------------------------------------------------------------
 # data, loader
-
-
-def _draw_jpeg(job):
-    path, kind, key, (lo, hi) = job
-    rng = np.random.default_rng(key)
-    long_side = int(rng.integers((lo + hi) // 2, hi + 1))
-    short_side = int(rng.integers(lo, long_side + 1))
-    size = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)  # landscape or portrait
-    Image.fromarray(draw_image(kind, rng, size)).save(path, format="JPEG", quality=90)
 
 
 def section_data(run):
@@ -207,22 +132,16 @@ def section_data(run):
     run.kept["beton"] = beton
     if os.path.isfile(beton) and read_manifest(beton)["num_samples"] == num_images:
         return run.record(beton=beton, num_images=num_images, reused=True)
-    jobs = []
-    for label, kind in enumerate(KINDS[:10]):
-        os.makedirs(os.path.join(root, kind), exist_ok=True)
-        jobs += [(os.path.join(root, kind, f"{i}.jpg"), kind, [label, i], run.size["image_sides"])
-                 for i in range(label, num_images, 10)]
     t0 = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
-        pool.map(_draw_jpeg, jobs, chunksize=8)
+    write_photo_like_folder(root, num_images, sides=run.size["image_sides"], num_workers=os.cpu_count())
     draw_s, t0 = time.perf_counter() - t0, time.perf_counter()
-    samples, class_names = image_folder_samples(root, ".")
+    samples, class_names, _ = image_folder_samples(root, ".")  # nothing else lies in the folder
     write_beton(samples, beton, dataset="device_check", split="train", class_names=class_names, source=root,
-                max_resolution=cfg["cfg.max_resolution"], jpeg_quality=cfg["cfg.jpeg_quality"], write_mode="jpg",
-                num_workers=os.cpu_count(), progress=False)
+                short_side=cfg["cfg.short_side"], max_side=cfg["cfg.max_side"], jpeg_quality=cfg["cfg.jpeg_quality"],
+                write_mode="jpg", num_workers=os.cpu_count(), progress=False)
     run.record(beton=beton, num_images=num_images, image_sides=run.size["image_sides"], draw_s=round(draw_s, 1),
                write_s=round(time.perf_counter() - t0, 1), beton_mb=round(os.path.getsize(beton) / 2**20, 1),
-               max_resolution=cfg["cfg.max_resolution"], jpeg_quality=cfg["cfg.jpeg_quality"])
+               short_side=cfg["cfg.short_side"], max_side=cfg["cfg.max_side"], jpeg_quality=cfg["cfg.jpeg_quality"])
 
 
 def train_loader(run, cfg):
@@ -274,115 +193,26 @@ def section_loader(run):
 # copy_race
 
 
-def copy_to_device(images, device):
-    """The trainer's host->device copy of a uint8 batch. float32 here (the trainer casts to bf16 after
-    the same copy), so that recover_uint8 gets the exact bytes back."""
-    return normalize_images(images, device, torch.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def _denormalisation(device):
-    """(scale, shift), each (1, 3, 1, 1) on `device`, made once: a tensor built from host values on each
-    step would be a copy from pageable memory, which waits for the GPU and would stop the host running ahead."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (255 * std).to(device), (255 * mean).to(device)
-
-
-def recover_uint8(x):
-    """Undo normalize_images: float32 (B, 3, H, W) -> the uint8 images (fp32 rounding error << 0.5)."""
-    scale, shift = _denormalisation(x.device)
-    return torch.round(x * scale + shift).clamp_(0, 255).to(torch.uint8)
-
-
-def batch_checksum(images):
-    """(B,) int64: a position-weighted checksum of each uint8 (B, 3, H, W) image, the same on any device.
-
-    Sums the channels-last bytes as 8-byte words by row and by column and weights the sums by position;
-    int64 arithmetic wraps modulo 2**64, so the order of summation does not change the result.
-    """
-    b, c, h, w = images.shape
-    if (w * c) % 8:
-        raise ValueError(f"a row of {w} x {c} bytes is not a whole number of 8-byte words")
-    nhwc = images.permute(0, 2, 3, 1).contiguous()  # a view when the batch is channels-last already
-    if nhwc.storage_offset() % 8:
-        nhwc = nhwc.clone()  # int64 words need 8-byte alignment
-    words = nhwc.view(b, h, w * c).view(torch.int64)  # (B, H, 3W/8)
-    rows = words.sum(2) * torch.arange(1, h + 1, device=images.device)  # (B, H)
-    cols = words.sum(1) * torch.arange(1, words.shape[2] + 1, device=images.device)  # (B, 3W/8)
-    return rows.sum(1) + 1_000_003 * cols.sum(1)
-
-
 def section_copy_race(run):
-    loader, steps, device = train_loader(run, run.config(run.size["archs"][0])), run.size["race_steps"], run.device
-    host_sums = torch.empty((steps, loader.batch_size), dtype=torch.int64)
-    device_sums = torch.empty((steps, loader.batch_size), dtype=torch.int64, device=device)
-    cuda = device.type == "cuda"
-    cycles_per_ms = busy_ms = host_ms = 0.0
-    if cuda:  # torch.cuda._sleep spins the GPU for a number of clock cycles: how many make a millisecond
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(10_000_000)
-        end.record()
-        end.synchronize()
-        cycles_per_ms = 10_000_000 / start.elapsed_time(end)
-    pending, leads, max_lead = [], [], 32  # events of the steps still queued on the GPU
-    source = batches_forever(loader)
-    next(source)  # start the epoch thread outside the loop
-    t0 = time.perf_counter()
-    try:
-        for step in range(steps):
-            t_work = time.perf_counter()
-            images = next(source)
-            host_sums[step] = batch_checksum(images)  # on the host, before the copy
-            if cuda:
-                # GPU work ahead of the copy, 1.5x the host's time per step: the host runs ahead and the
-                # loader refills its buffers while their copies still wait in the stream.
-                torch.cuda._sleep(int(cycles_per_ms * busy_ms))
-            x = copy_to_device(images, device)  # (B, 3, H, W) float32
-            device_sums[step] = batch_checksum(recover_uint8(x))  # no host sync
-            host_ms = 0.8 * host_ms + 0.2 * 1000 * (time.perf_counter() - t_work)  # without the wait below
-            busy_ms = min(100.0, 1.5 * host_ms)
-            if cuda:
-                pending.append(torch.cuda.Event())
-                pending[-1].record()
-                if len(pending) > max_lead:
-                    pending.pop(0).synchronize()  # bound the lead (and the pinned memory it holds)
-                pending = [e for e in pending if not e.query()]
-                leads.append(len(pending))
-    finally:
-        source.close()
-    run.sync()
-    mismatched = (device_sums.cpu() != host_sums).any(dim=1)  # (steps,)
-    run.record(steps=steps, batch_size=loader.batch_size, mismatched_batches=int(mismatched.sum()),
-               first_mismatch_step=int(mismatched.nonzero()[0]) if mismatched.any() else None,
-               host_lead_steps_mean=round(float(np.mean(leads)), 1) if leads else 0.0,
-               host_lead_steps_max=max(leads, default=0), host_step_ms=round(host_ms, 1),
-               loop_s=round(time.perf_counter() - t0, 1), passed=not bool(mismatched.any()),
-               copy_function=f"{copy_to_device.__name__} -> hjepa.data.normalize_images")
+    """hjepa.copy_race on the shared loader: the trainer's copy (images_to_device, which normalize_images
+    calls) on race_steps batches, then the racy direct copy as a control."""
+    loader = train_loader(run, run.config(run.size["archs"][0]))
+    for name, to_device, steps in (("staged", images_to_device, run.size["race_steps"]),
+                                   ("direct", direct_copy, run.size["control_steps"])):
+        source = batches_forever(loader)
+        next(source)  # start the epoch thread outside the check
+        try:
+            result = check_device_copies(source, run.device, steps=steps, to_device=to_device)
+        finally:
+            source.close()
+        if name == "staged":
+            run.record(**result, copy_function="hjepa.data.images_to_device")
+        else:  # a control: only a mismatch here is news (the check can see a race)
+            run.record(direct_copy_control={"race_seen": not result["passed"], **result})
 
 
 # ----------------------------------------------------------------------------------------------
 # train_vit_small, short_run, train_vit_base
-
-
-def compiled_graphs():
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
-def compile_log(since):
-    """[{id, frame, seconds, reason}] of the dynamo compilations after the first `since` records."""
-    from torch._dynamo.utils import get_compilation_metrics
-
-    def field(m, name):  # the record's fields vary between torch releases
-        return getattr(m, name, None)
-
-    return [{"id": field(m, "compile_id"), "frame": field(m, "co_name"),
-             "seconds": round(field(m, "entire_frame_compile_time_s") or 0.0, 1),
-             "reason": str(field(m, "recompile_reason") or "")[:300],
-             **({"failed": str(field(m, "fail_reason"))[:300]} if field(m, "fail_reason") else {})}
-            for m in list(get_compilation_metrics())[since:]]
 
 
 class Trainer:
@@ -397,7 +227,6 @@ class Trainer:
         self.forward = torch.compile(self.model, backend=run.size["compile_backend"])  # as hjepa/train.py does
         self.amp_dtype = autocast_dtype(self.device, cfg["hardware.bf16"])
         self.masking, self.grid = mask_config(cfg), self.model.grid_size
-        self.target_shapes_seen = set()  # (th, tw) of the masks stepped so far
 
     def new_optimizer(self):
         return build_optimizer(self.model, lr=self.cfg["optim.lr"], weight_decay=self.cfg["optim.weight_decay"],
@@ -407,27 +236,10 @@ class Trainer:
         return sample_masks(self.masking, batch_size=self.batch, grid_size=self.grid, seed=0, step=step)
 
     def step(self, step, images, schedule=None):
-        masks = self.masks(step)
-        self.target_shapes_seen.add(masks.tgt_shape)
+        masks = self.masks(step)  # (B, Nc), (T, B, Nt), (Nt, 2): the same shapes every step
         x = normalize_images(images, self.device, self.amp_dtype or torch.float32)  # (B, 3, H, W)
         return train_step(self.model, self.forward, self.optimizer, x, masks_to_device(masks, self.device),
                           **(schedule or dict(lr=1e-4, weight_decay=0.05, momentum=0.996)), amp_dtype=self.amp_dtype)
-
-
-# Both models run in this one process through the same HJEPA.forward, so they share dynamo's cache for
-# it: the limit on cache entries per frame (8 by default, then the frame runs uncompiled) is raised to
-# hold both models' graphs, and ViT-B starts with the token-count dimensions that ViT-S saw vary
-# already dynamic, saving it compilations that each cost a minute on a GPU. A training process holds
-# one model: its own graph count is what the trainer sees, reported against the default limit.
-RECOMPILE_LIMIT_HERE = 64
-
-
-def share_compile_cache():
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    default = getattr(config, name)
-    setattr(config, name, max(default, RECOMPILE_LIMIT_HERE))
-    return default
 
 
 def reset_memory_stats(run):
@@ -445,57 +257,42 @@ def peak_memory_gib(run, baseline=0):
 
 def section_train(arch_index):
     def section(run):
-        from torch._dynamo.utils import get_compilation_metrics
-
+        # An empty dynamo cache, as a training process starts with: both models run HJEPA.forward, and
+        # ViT-S's graphs (used by the short run, which comes before ViT-B) would otherwise sit in the
+        # same frame's cache and shape ViT-B's compile (dimensions that differ become dynamic).
+        torch._dynamo.reset()
+        if arch_index == 1:
+            run.kept.pop("vit_small", None)  # the short run is done: free its memory
         cfg = run.config(run.size["archs"][arch_index])
         memory0 = reset_memory_stats(run)
         trainer = Trainer(run, cfg)
         if arch_index == 0:
             run.kept["vit_small"] = trainer  # the short run starts from its initial weights
-        grid, log0, graphs0 = trainer.grid, len(get_compilation_metrics()), compiled_graphs()
+        grid, log0, graphs0 = trainer.grid, len(compilation_records()), compiled_graphs()
         flops = train_flops_per_image(trainer.model.model_config, masking=trainer.masking,
                                       num_patches=grid[0] * grid[1])
         run.record(arch=cfg["model.arch"], image_size=cfg["data.image_size"], patch_size=cfg["model.patch_size"],
                    batch_size=trainer.batch, amp=str(trainer.amp_dtype), compile_backend=run.size["compile_backend"],
                    train_gflops_per_image=round(flops / 1e9, 2), peak_bf16_tflops=run.peak_tflops)
 
-        # Warm-up on a device-resident batch, as the trainer's first steps go, until `quiet` steps in a row
-        # compiled nothing new; then one step on the masks of each target-block shape that the steps to
-        # come (the timed windows; for ViT-S the short run too) hold and the warm-up did not, so that no
-        # compilation lands in a timed window. new_graph_steps says where the trainer itself compiles.
+        # Warm-up on a device-resident batch, as the trainer's first steps go. Every input has the same
+        # shape each step (masks fixed per masking config), so dynamo compiles in step 0 only;
+        # new_graph_steps lists the steps that compiled anything, to show it.
         side = cfg["data.image_size"]
         device_batch = torch.randint(0, 256, (trainer.batch, 3, side, side), dtype=torch.uint8,
                                      device=run.device).contiguous(memory_format=torch.channels_last)
-        min_steps, quiet, max_steps = run.size["warmup"]
-        step, last_new, new_graph_steps, t0 = 0, 0, [], time.perf_counter()
-
-        def warmup_step(at):
+        new_graph_steps, t0 = [], time.perf_counter()
+        for step in range(run.size["warmup_steps"]):
             before = compiled_graphs()
-            trainer.step(at, device_batch)
+            trainer.step(step, device_batch)
             if compiled_graphs() != before:
-                new_graph_steps.append(at)
-                run.say(f"  warm-up, step {at}: {compiled_graphs() - graphs0} graphs compiled so far")
-                return True
-            return False
-
-        while step < max_steps and not run.out_of_time():
-            last_new = step + 1 if warmup_step(step) else last_new
-            step += 1
-            if step >= min_steps and step - last_new >= quiet:
-                break
-        horizon = step + 2 * run.size["timed_steps"] + (run.size["short_steps"] if arch_index == 0 else 0)
-        shapes_ahead = {}
-        for future in range(step, horizon):
-            shapes_ahead.setdefault(trainer.masks(future).tgt_shape, future)
-        extra = [at for shape, at in shapes_ahead.items() if shape not in trainer.target_shapes_seen]
-        for at in extra:
-            if not run.out_of_time():
-                warmup_step(at)
+                new_graph_steps.append(step)
+                run.say(f"  warm-up, step {step}: {compiled_graphs() - graphs0} graphs compiled so far")
+        step = run.size["warmup_steps"]
         run.sync()
         run.record(warmup_steps=step, warmup_s=round(time.perf_counter() - t0, 1),
                    graphs_compiled_in_warmup=compiled_graphs() - graphs0, new_graph_steps=new_graph_steps,
-                   warmup_cut_short=step - last_new < quiet, steps_for_unseen_target_shapes=extra,
-                   compiles=compile_log(log0), dynamo_cache="shared with the models before" if arch_index else "fresh")
+                   compiles=compile_log(log0))
 
         def timed(next_images, steps):
             nonlocal step
@@ -524,11 +321,9 @@ def section_train(arch_index):
         finally:
             source.close()
         steps_per_epoch = IN100_TRAIN_IMAGES // trainer.batch
-        graphs = compiled_graphs() - graphs0
         run.record(loader_fed=loader_fed, timed_steps=steps, recompiles_after_warmup=compiled_graphs() - graphs_warm,
-                   compiles=compile_log(log0), graphs_compiled=graphs, peak_memory_gib=peak_memory_gib(run),
-                   peak_memory_above_start_gib=peak_memory_gib(run, memory0),
-                   trainer_would_run_uncompiled=graphs >= run.results["meta"]["default_recompile_limit"],
+                   compiles=compile_log(log0), graphs_compiled=compiled_graphs() - graphs0,
+                   peak_memory_gib=peak_memory_gib(run), peak_memory_above_start_gib=peak_memory_gib(run, memory0),
                    in100_100ep_minutes=round(100 * steps_per_epoch * loader_fed["step_ms"] / 60_000, 1))
         trainer.optimizer = None  # the short run makes its own
 
@@ -615,6 +410,8 @@ def print_table(results):
              ("copy race: batches whose checksums differ", "copy_race.mismatched_batches", "d", "0", lambda v: v == 0),
              ("copy race: batches checked", "copy_race.steps", "d", ">= 500", None),
              ("copy race: steps the host ran ahead, mean", "copy_race.host_lead_steps_mean", ".1f", "", None),
+             ("copy race control: direct copies that differ", "copy_race.direct_copy_control.mismatched_batches", "d",
+              "> 0 (CUDA)", None),
              ("short run: mean loss, first 10% of steps", "short_run.loss_start", ".4f", "", None),
              ("short run: mean loss, last 10% of steps", "short_run.loss_end", ".4f", "falls", None),
              ("short run: lowest target_std", "short_run.target_std_min", ".4f", f"> {TARGET_STD_FLOOR}",
@@ -637,8 +434,8 @@ def parse_args(argv):
     p.add_argument("--smoke", action="store_true", help="CPU-sized toy run of every section (seconds)")
     p.add_argument("--sections", default=",".join(SECTIONS[1:]), help="comma-separated, from " + ",".join(SECTIONS[1:]))
     p.add_argument("--out", default="device_check.json", help="JSON results, rewritten after every section")
-    p.add_argument("--budget-s", type=float, default=450.0, help="no section starts that no longer fits in it")
-    p.add_argument("--hard-limit-s", type=float, default=0.0, help="watchdog: save and exit 124 (0: budget + 30 s)")
+    p.add_argument("--budget-s", type=float, default=470.0, help="no section starts that no longer fits in it")
+    p.add_argument("--hard-limit-s", type=float, default=0.0, help="watchdog: save and exit 124 (0: budget + 60 s)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 TFLOP/s of a card not in the table")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--work-dir", default="", help="folder for the images and beton (kept, and reused when present)")
@@ -654,7 +451,7 @@ def parse_args(argv):
         raise UserError(f"--sections: unknown {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS[1:])}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda, but torch sees no CUDA device")
-    args.hard_limit_s = args.hard_limit_s or args.budget_s + 30
+    args.hard_limit_s = args.hard_limit_s or args.budget_s + 60
     return args
 
 
@@ -667,23 +464,19 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     run = Run(args)
-    run.results["meta"]["default_recompile_limit"] = share_compile_cache()
-    run.start_watchdog()
+    run.start_watchdog(report=print_table)
     run.say(f"budget {args.budget_s:.0f} s, hard limit {args.hard_limit_s:.0f} s from the start; writing {args.out}")
     run.run("data", section_data)
     run.describe_device()
     for name in SECTIONS[1:]:
         if name in args.sections.split(","):
-            run.run(name, SECTION_FUNCTIONS[name])
+            run.run(name, SECTION_FUNCTIONS[name], needs_s=run.size["min_seconds"][name])
     if "loader" in run.kept:
         run.kept["loader"].close()
-    with run.lock:
-        run.current = None
-        run.results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        run.save()
+    run.finish()
     print_table(run.results)
     print(f"wrote {args.out}")
-    return 0 if all(e["status"] in ("ok", "skipped") for e in run.results["sections"].values()) else 1
+    return 0 if run.passed() else 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ import math
 from hjepa.vit import ARCHS
 
 MLP_RATIO = 4
+# Dense bf16 TFLOP/s per GPU from the vendors' datasheets (half the "with sparsity" figure); the first key
+# found in the device's name wins, so the specific names come first.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0), ("A100", 312.0))
 
 
 def block_forward_flops(num_tokens, width, mlp_ratio=MLP_RATIO):
@@ -74,3 +78,8 @@ def mfu(images_per_s, flops_per_image, peak_tflops, num_devices=1):
     (a fraction, 0..1). images_per_s: all devices together (the global batch per second);
     peak_tflops: one device's peak, as the config gives it."""
     return images_per_s * flops_per_image / (num_devices * peak_tflops * 1e12)
+
+
+def datasheet_peak_tflops(device_name):
+    """Dense bf16 TFLOP/s of a GPU by its name (torch.cuda.get_device_name), or None when not in the table."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)

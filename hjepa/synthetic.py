@@ -1,4 +1,4 @@
-"""Procedurally drawn images for tests, the demo and the loader benchmark.
+"""Procedurally drawn images for tests, the demo and the benchmarks.
 
 The class of an image is the *kind* of its foreground object (a shape or a textured patch); its
 colours, the background, position, scale and rotation are random, so colour alone is no shortcut.
@@ -112,6 +112,38 @@ def _draw_and_save(job):
     Image.fromarray(image).save(path, format="JPEG", quality=jpeg_quality)
 
 
+def photo_like_size(rng, sides):
+    """(width, height) of a photo-like image: the long side uniform in [mean of sides, sides[1]], the
+    short side in [sides[0], long side], landscape or portrait with equal odds."""
+    low, high = sides
+    long_side = int(rng.integers((low + high) // 2, high + 1))
+    short_side = int(rng.integers(low, long_side + 1))
+    return (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+
+
+def write_photo_like_folder(root, num_images, *, sides=(300, 500), num_classes=10, seed=0, jpeg_quality=90,
+                            num_workers=1):
+    """Write num_images JPEGs as root/<kind>/<i>.jpg (an image folder, class k = KINDS[k]), each of a
+    random photo_like_size, images dealt to the classes in turn. Returns root."""
+    jobs = []
+    for label, kind in enumerate(KINDS[:num_classes]):
+        os.makedirs(os.path.join(root, kind), exist_ok=True)
+        for i in range(label, num_images, num_classes):
+            size = photo_like_size(np.random.default_rng([seed, 2, label, i]), sides)
+            jobs.append((os.path.join(root, kind, f"{i}.jpg"), kind, [seed, 3, label, i], size, jpeg_quality, {}))
+    _draw_all(jobs, num_workers)
+    return root
+
+
+def _draw_all(jobs, num_workers):
+    if num_workers > 1:
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+            pool.map(_draw_and_save, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _draw_and_save(job)
+
+
 def make_imagenet_tree(root, *, wnids, decoy_wnids=(), train_per_class, val_per_class,
                        size=(500, 375), seed=0, val_layout="folders", jpeg_quality=90, num_workers=1,
                        draw_options=None):
@@ -143,12 +175,7 @@ def make_imagenet_tree(root, *, wnids, decoy_wnids=(), train_per_class, val_per_
             jobs.append((os.path.join(folder, name + ".JPEG"), KINDS[k % len(KINDS)], [seed, 1, k, i],
                          size, jpeg_quality, draw_options))
             solution.append((name, wnid))
-    if num_workers > 1:
-        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            pool.map(_draw_and_save, jobs, chunksize=16)
-    else:
-        for job in jobs:
-            _draw_and_save(job)
+    _draw_all(jobs, num_workers)
     if val_layout == "flat" and solution:
         width, height = size
         with open(os.path.join(root, "LOC_val_solution.csv"), "w", newline="") as f:

@@ -5,7 +5,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from hjepa.synthetic import KINDS, _object_mask, draw_image, make_images, make_imagenet_tree
+from hjepa.synthetic import KINDS, _object_mask, draw_image, make_images, make_imagenet_tree, write_photo_like_folder
 
 
 def test_images_are_a_pure_function_of_the_seed():
@@ -78,3 +78,12 @@ def test_folder_val_tree_puts_val_images_under_their_wnid(tmp_path):
     make_imagenet_tree(str(tmp_path), wnids=["n01749939"], train_per_class=1, val_per_class=3, size=(32, 24))
     assert len(os.listdir(tmp_path / "val" / "n01749939")) == 3
     assert not (tmp_path / "LOC_val_solution.csv").exists()
+
+
+def test_photo_like_folder_holds_landscape_and_portrait_jpegs_within_the_sides(tmp_path):
+    root = write_photo_like_folder(str(tmp_path / "images"), 12, sides=(40, 64), num_classes=3)
+    sizes = [Image.open(os.path.join(root, kind, name)).size
+             for kind in sorted(os.listdir(root)) for name in os.listdir(os.path.join(root, kind))]
+    assert sorted(os.listdir(root)) == sorted(KINDS[:3]) and len(sizes) == 12
+    assert all(40 <= min(w, h) <= max(w, h) <= 64 and max(w, h) >= 52 for w, h in sizes)
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
