@@ -4,7 +4,8 @@ Batches are `(images, labels, dataset_idx)`: images uint8 (B, 3, H, W) (channels
 CPU, labels and dataset_idx int64 (B,); dataset_idx is all zeros for a single-dataset beton. They are
 views into FFCV's rotating buffers, valid until a few more batches have been drawn: use them at
 once (move to the device, normalise) or clone them. Normalisation runs on the training device, in the
-model's dtype (`normalize_images`).
+model's dtype (`normalize_images`); or, with output="float32", in the loader's threads (for a CPU
+consumer, whose training thread would otherwise do it).
 
 Reproducibility: the sample order is a pure function of (seed, epoch, rank, world size) (hjepa.sampler)
 and every random augmentation is a hash of (seed, rank, epoch, batch, position) (hjepa.ops), so the
@@ -28,7 +29,7 @@ from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 from hjepa import sampler
 from hjepa.beton import beton_num_samples, manifest_path, read_manifest
 from hjepa.errors import UserError
-from hjepa.ops import CenterCropResize, ColorJitter, SeededRandomResizedCrop
+from hjepa.ops import CenterCropResize, SeededRandomResizedCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -264,15 +265,13 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
 
     # Augmentations of different ranks must differ: their seed mixes in the rank.
     op_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
-    normalize = _image_output(output)
-    # The decoder crops, resizes and flips in one pass; the last numba op writes the output dtype.
+    # One op decodes, crops, resizes, flips, jitters and writes the output dtype (hjepa.ops).
     image_ops = [SeededRandomResizedCrop((image_size, image_size), scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
-                                         seed=op_seed, flip_prob=0.5 if flip else 0.0,
-                                         normalize=None if color_jitter > 0 else normalize)]
-    if color_jitter > 0:
-        image_ops.append(ColorJitter(color_jitter, seed=op_seed, normalize=normalize))
+                                         seed=op_seed, flip_prob=0.5 if flip else 0.0, color_jitter=color_jitter,
+                                         normalize=_image_output(output))]
     seeded_ops = list(image_ops)
-    # Every numba op stays before ToTensor: jitted -> torch -> jitted hangs FFCV (stack.md pitfall 1).
+    # Every numba op stays before ToTensor: a pipeline that goes jitted -> torch -> jitted hangs FFCV
+    # 1.0.2's Loader constructor (Graph.group_operations, upstream issue #396).
     image_ops += [ToTensor(), ToTorchImage()]
 
     if order == "quasi_random":
@@ -320,7 +319,8 @@ def _image_output(output):
 
 
 def _pipelines(fields, image_ops):
-    """Fresh op instances for every Loader: FFCV ops must not be shared (stack.md pitfall 2)."""
+    """Fresh op instances for every Loader: FFCV 1.0.2 ops must not be shared between Loaders (a second
+    Loader built with the same decoder instance returned uncropped images of the wrong shape)."""
     pipelines = {name: None for name in fields}  # fields we do not read are not decoded
     pipelines["image"] = image_ops
     pipelines["label"] = _label_pipeline()

@@ -7,7 +7,7 @@ import torchvision.transforms.v2.functional as TF
 
 from hjepa import data
 from hjepa.beton import write_beton
-from hjepa.ops import output_conversion, resize_crop
+from hjepa.ops import output_conversion, resize_crop, scratch_floats
 from hjepa.synthetic import draw_image
 
 # numba's dispatcher finalizer can print a KeyError at teardown (harmless): noise.
@@ -23,8 +23,9 @@ def photo(height, width, seed=0):
 def ours(image, top, left, height, width, size, *, flip=False, normalize=None):
     dtype, scale, shift = output_conversion(normalize)
     out = np.zeros((size, size, 3), dtype)
-    columns = np.zeros((image.shape[1] + 1) * size * 3, np.float32)
-    resize_crop(image, float(top), float(left), float(height), float(width), out, flip, columns, scale, shift)
+    scratch = np.zeros(scratch_floats(image.shape[1], size, size), np.float32)
+    resize_crop(image, float(top), float(left), float(height), float(width), out, flip, scratch, scale, shift,
+                1.0, 1.0, 1.0)  # no colour jitter
     return out  # (size, size, 3)
 
 
@@ -108,7 +109,7 @@ def test_eval_loader_enlarges_small_images_by_interpolation(small_image_beton):
 
 def test_float32_loader_output_is_the_uint8_output_normalised(small_image_beton):
     common = dict(batch_size=8, num_workers=1, image_size=48, crop_scale=(0.3, 1.0), flip=True,
-                  color_jitter=0.4, seed=3)  # the jitter op is then the one that normalises
+                  color_jitter=0.4, seed=3)
     with data.build_train_loader(small_image_beton, output="float32", **common) as loader:
         as_float = next(loader.epoch(1))[0].clone()
     with data.build_train_loader(small_image_beton, **common) as loader:
