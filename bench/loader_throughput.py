@@ -45,7 +45,8 @@ from hjepa.synthetic import KINDS, draw_image
 NUM_SYNTHETIC_CLASSES = 10
 # (width, height) of the drawn sources, cycled: ImageNet's most common shapes, both orientations.
 SOURCE_SIZES = ((500, 375), (500, 333), (375, 500), (333, 500), (500, 400), (400, 300), (300, 400), (450, 450))
-SEED_COLOR_JITTER = 0.1  # the seed's JEPATransform(color_jitter=0.1): brightness/contrast 0.04, saturation 0.02, hue 0.01
+# The seed's JEPATransform(color_jitter=0.1): ColorJitter(brightness 0.04, contrast 0.04, saturation 0.02, hue 0.01).
+SEED_COLOR_JITTER = 0.1
 OUR_COLOR_JITTER = 0.4 * SEED_COLOR_JITTER  # our ColorJitter's strength for brightness, contrast and saturation
 
 
@@ -70,7 +71,8 @@ def image_folder(data_dir, num_images, work_dir, num_workers):
             os.makedirs(os.path.join(tree + ".partial", f"n{label:08d}"), exist_ok=True)
             for i in range(per_class):
                 path = os.path.join(tree + ".partial", f"n{label:08d}", f"{i}.JPEG")
-                jobs.append((path, KINDS[label % len(KINDS)], [0, label, i], SOURCE_SIZES[(i + label) % len(SOURCE_SIZES)]))
+                size = SOURCE_SIZES[(i + label) % len(SOURCE_SIZES)]
+                jobs.append((path, KINDS[label % len(KINDS)], [0, label, i], size))
         with torch.multiprocessing.get_context("fork").Pool(num_workers) as pool:
             pool.map(_draw_source, jobs, chunksize=16)
         os.replace(tree + ".partial", tree)

@@ -169,7 +169,7 @@ def _num_taps(start, length, out_size):
 _BLOCK = 8  # rows (and columns) handled together so that the transposes below move whole tiles
 
 
-def scratch_floats(max_width, out_h, out_w):
+def scratch_floats(max_width, out_h):
     """Length of the float32 scratch `resize_crop` needs for images up to max_width wide."""
     return (max_width + 1) * out_h * 3
 
@@ -343,7 +343,7 @@ class CropResizeDecoder(RandomResizedCropRGBImageDecoder):
         # FFCV calls this again for every epoch; the compiled code keeps the first buffers' addresses.
         if self.decoded is None:
             self.decoded = ThreadScratch(max_height * max_width * 3, np.uint8)
-            self.scratch = ThreadScratch(scratch_floats(max_width, out_h, out_w), np.float32)
+            self.scratch = ThreadScratch(scratch_floats(max_width, out_h), np.float32)
         dtype = output_conversion(self.normalize)[0]
         output_shape = (out_h, out_w, 3)
         return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=dtype),

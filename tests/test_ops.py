@@ -23,7 +23,7 @@ def photo(height, width, seed=0):
 def ours(image, top, left, height, width, size, *, flip=False, normalize=None):
     dtype, scale, shift = output_conversion(normalize)
     out = np.zeros((size, size, 3), dtype)
-    scratch = np.zeros(scratch_floats(image.shape[1], size, size), np.float32)
+    scratch = np.zeros(scratch_floats(image.shape[1], size), np.float32)
     resize_crop(image, float(top), float(left), float(height), float(width), out, flip, scratch, scale, shift,
                 1.0, 1.0, 1.0)  # no colour jitter
     return out  # (size, size, 3)
