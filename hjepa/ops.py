@@ -278,7 +278,7 @@ def _jitter_pixel(r, g, b, contrast, offset, saturation):
     - order: always brightness, contrast, saturation; torchvision applies its steps in a random
       order drawn per image;
     - hue: none (torchvision's hue step converts every pixel to HSV and back);
-    - rounding: none between the steps (torchvision rounds uint8 images after each), one at the end;
+    - rounding: once at the end (torchvision truncates uint8 images to integers after each step);
     - the mean grey that contrast blends towards is the brightened image's before clamping to 255
       (torchvision: after), so that it follows from the resize's column sums without a second pass;
     - it runs on the resized crop, as torchvision's does when it follows RandomResizedCrop.

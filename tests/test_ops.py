@@ -20,12 +20,12 @@ def photo(height, width, seed=0):
     return draw_image("star", np.random.default_rng(seed), (width, height))
 
 
-def ours(image, top, left, height, width, size, *, flip=False, normalize=None):
+def ours(image, top, left, height, width, size, *, flip=False, normalize=None, jitter=(1.0, 1.0, 1.0)):
     dtype, scale, shift = output_conversion(normalize)
     out = np.zeros((size, size, 3), dtype)
     scratch = np.zeros(scratch_floats(image.shape[1], size), np.float32)
     resize_crop(image, float(top), float(left), float(height), float(width), out, flip, scratch, scale, shift,
-                1.0, 1.0, 1.0)  # no colour jitter
+                *jitter)  # jitter: (brightness, contrast, saturation) factors
     return out  # (size, size, 3)
 
 
@@ -67,6 +67,17 @@ def test_shrinking_averages_a_pixel_checkerboard_to_grey():
 def test_flip_writes_the_mirror_image():
     image = photo(60, 80)
     assert np.array_equal(ours(image, 3, 5, 50, 70, 40, flip=True), ours(image, 3, 5, 50, 70, 40)[:, ::-1])
+
+
+def test_colour_jitter_is_torchvision_brightness_then_contrast_then_saturation():
+    image = photo(48, 64)
+    bright, contrast, saturation = 0.9, 1.3, 0.6  # a darkening brightness: no clipping before the contrast
+    jittered = ours(image, 0, 0, 48, 64, 48, jitter=(bright, contrast, saturation))
+    resized = torch.from_numpy(ours(image, 0, 0, 48, 64, 48)).permute(2, 0, 1)  # (3, 48, 48)
+    expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(resized, bright), contrast), saturation)
+    # torchvision truncates uint8 images after each step (about -0.5 each), ours rounds once at the end
+    assert mean_abs_difference(jittered, expected.permute(1, 2, 0).numpy()) <= 2.0
+    assert mean_abs_difference(jittered, resized.permute(1, 2, 0).numpy()) > 10
 
 
 HALF_GREY_LEVEL = 0.5 / 255 / min(data.IMAGENET_STD) + 1e-5  # normalised; uint8 rounds, float32 does not
