@@ -5,7 +5,8 @@ CPU, labels and dataset_idx int64 (B,); dataset_idx is all zeros for a single-da
 views into FFCV's rotating buffers, valid until the next batch is requested (see JepaLoader): use them
 at once (move to the device, normalise) or clone them. Normalisation runs on the training device, in
 the model's dtype (`normalize_images`), after a host-to-device copy that never reads FFCV's buffers
-once the batch is handed back (`images_to_device`).
+once the batch is handed back (`images_to_device`); or, with output="float32", in the loader's
+threads (for a CPU consumer, whose training thread would otherwise do it).
 
 Reproducibility: the sample order is a pure function of (seed, epoch, rank, world size) (hjepa.sampler)
 and every random augmentation is a hash of (seed, rank, epoch, batch, position) (hjepa.ops), so the
@@ -21,7 +22,6 @@ import sys
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.compiler import Compiler
@@ -31,12 +31,13 @@ from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 from hjepa import sampler
 from hjepa.beton import beton_num_samples, manifest_path, read_manifest
 from hjepa.errors import UserError
-from hjepa.ops import ColorJitter, SeededHorizontalFlip, SeededRandomResizedCrop
+from hjepa.ops import CenterCropResize, SeededRandomResizedCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 224 / 256  # centre crop of the seed's eval transform (Resize 256, CenterCrop 224)
 TRAIN_ORDERS = ("random", "quasi_random", "weighted", "balanced")
+OUTPUTS = ("uint8", "float32")
 
 
 class JepaLoader:
@@ -230,8 +231,10 @@ def _usable_threads(num_workers):
 
 def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=(0.8, 1.0), flip=True,
                        color_jitter=0.0, in_memory=True, order="random", seed=0, mixture=None,
-                       epoch_samples=-1, distributed=False, drop_last=True):
+                       epoch_samples=-1, distributed=False, drop_last=True, output="uint8"):
     """The JEPA train loader: seeded random-resized crop (ratio 3/4..4/3), flip, optional colour jitter.
+
+    output: "uint8" images, or "float32" normalised by the loader's threads (`_image_output`).
 
     order: random | quasi_random | weighted (by `mixture`, 'name:weight,...') | balanced (equal
     weights over the members). random/weighted/balanced cover exactly floor(E / (world*B)) batches
@@ -275,14 +278,13 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
 
     # Augmentations of different ranks must differ: their seed mixes in the rank.
     op_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
-    image_ops = [SeededRandomResizedCrop((image_size, image_size), scale=tuple(crop_scale),
-                                         ratio=(3 / 4, 4 / 3), seed=op_seed)]
-    if flip:
-        image_ops.append(SeededHorizontalFlip(seed=op_seed))
-    if color_jitter > 0:
-        image_ops.append(ColorJitter(color_jitter, seed=op_seed))
+    # One op decodes, crops, resizes, flips, jitters and writes the output dtype (hjepa.ops).
+    image_ops = [SeededRandomResizedCrop((image_size, image_size), scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
+                                         seed=op_seed, flip_prob=0.5 if flip else 0.0, color_jitter=color_jitter,
+                                         normalize=_image_output(output))]
     seeded_ops = list(image_ops)
-    # Every numba op stays before ToTensor: jitted -> torch -> jitted hangs FFCV (stack.md pitfall 1).
+    # Every numba op stays before ToTensor: a pipeline that goes jitted -> torch -> jitted hangs FFCV
+    # 1.0.2's Loader constructor (Graph.group_operations, upstream issue #396).
     image_ops += [ToTensor(), ToTorchImage()]
 
     if order == "quasi_random":
@@ -300,7 +302,8 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
                       members=members, epoch_counts=epoch_counts)
 
 
-def build_eval_loader(path, *, batch_size, num_workers, image_size, in_memory=True, distributed=False):
+def build_eval_loader(path, *, batch_size, num_workers, image_size, in_memory=True, distributed=False,
+                      output="uint8"):
     """The JEPA eval loader: centre crop (224/256 of the short side) resized to image_size, sequential.
 
     Keeps the last partial batch. distributed=True shards like DistributedSampler(shuffle=False),
@@ -308,7 +311,7 @@ def build_eval_loader(path, *, batch_size, num_workers, image_size, in_memory=Tr
     """
     fields, _ = _inspect_beton(path)
     _rank_and_world(distributed)
-    image_ops = [CenterCropRGBImageDecoder((image_size, image_size), ratio=EVAL_CROP_RATIO),
+    image_ops = [CenterCropResize((image_size, image_size), ratio=EVAL_CROP_RATIO, normalize=_image_output(output)),
                  ToTensor(), ToTorchImage()]
     with _keep_torch_threads():
         loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
@@ -317,8 +320,20 @@ def build_eval_loader(path, *, batch_size, num_workers, image_size, in_memory=Tr
     return JepaLoader(loader, seeded_ops=[], has_dataset_idx="dataset_idx" in fields)
 
 
+def _image_output(output):
+    """The ops' normalize argument for a loader output: None (uint8 out) or (mean, std) (float32 out).
+
+    float32 moves the normalisation into the loader's threads, for consumers that train on the CPU:
+    there it would otherwise run on the training thread. A GPU consumer wants uint8 (a quarter of
+    the bytes to copy) and normalises on the device (`normalize_images`)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    return None if output == "uint8" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def _pipelines(fields, image_ops):
-    """Fresh op instances for every Loader: FFCV ops must not be shared (stack.md pitfall 2)."""
+    """Fresh op instances for every Loader: FFCV 1.0.2 ops must not be shared between Loaders (a second
+    Loader built with the same decoder instance returned uncropped images of the wrong shape)."""
     pipelines = {name: None for name in fields}  # fields we do not read are not decoded
     pipelines["image"] = image_ops
     pipelines["label"] = _label_pipeline()

@@ -1,9 +1,11 @@
-"""Seeded FFCV image operations (numba bodies) for the JEPA train pipeline.
+"""The image decoders of the loaders (numba bodies): decode, seeded crop, antialiased resize, flip,
+colour jitter and normalisation in one pass per image.
 
 Why not FFCV's own RandomResizedCropRGBImageDecoder / RandomHorizontalFlip / RandomBrightness...:
 in ffcv 1.0.2 they draw from numba's `np.random`, whose state is per thread and seeded from OS
 entropy; `Loader(seed=...)` only seeds the sample order. Their augmentations can therefore not be
-reproduced, and a resumed run would not see the batches it would have seen.
+reproduced, and a resumed run would not see the batches it would have seen. And FFCV's resize is
+OpenCV's INTER_AREA, nearest-neighbour when enlarging (`CropResizeDecoder`).
 
 Here every random number is a counter-based hash (splitmix64) of
 (seed, op stream, epoch, batch number, position in batch, draw number): independent of the thread
@@ -22,10 +24,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
 
 CROP_STREAM, FLIP_STREAM, JITTER_STREAM = 1, 2, 3
 _U64 = np.uint64
@@ -48,6 +49,16 @@ class EpochCell:
 
     def set(self, epoch, batch=0):
         self.values[0], self.values[1] = epoch, batch
+
+
+class ThreadScratch:
+    """Scratch memory for each of numba's threads (`numba.get_thread_id()`), which compiled code
+    reads through its address (as `EpochCell`): size items of dtype per thread."""
+
+    def __init__(self, size, dtype):
+        self.size = int(size)
+        self.values = np.zeros((numba.config.NUMBA_NUM_THREADS, self.size), dtype)
+        self.address = _U64(self.values.ctypes.data)
 
 
 @njit(inline="always")
@@ -109,126 +120,335 @@ def _random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
-    """FFCV's RandomResizedCropRGBImageDecoder with seeded, per-epoch reproducible crops."""
+@njit(inline="always")
+def _filter_taps(start, length, out_size, num_taps, first, weights):
+    """Taps of a resize of [start, start + length) (source pixels, may be fractional) to out_size pixels.
 
-    def __init__(self, output_size, *, scale, ratio, seed):
-        super().__init__(output_size, scale=scale, ratio=ratio)
-        self.seed = seed
-        self.cell = EpochCell()
+    PIL's and torchvision's antialiased bilinear filter: a triangle of radius 1 output pixel, widened
+    to the shrink factor when shrinking (so every source pixel counts, as area averaging does), plain
+    bilinear interpolation with half-pixel centres when enlarging. Output pixel o reads source pixels
+    first[o] .. first[o] + num_taps - 1 (absolute) with `weights[o]` (zero where the filter ends),
+    never outside the crop's pixels.
+    """
+    scale = length / out_size
+    support = max(scale, 1.0)
+    lo_bound = int(np.floor(start))
+    hi_bound = int(np.ceil(start + length))
+    for o in range(out_size):
+        center = start + (o + 0.5) * scale
+        lo = max(int(np.floor(center - support + 0.5)), lo_bound)
+        hi = min(int(np.floor(center + support + 0.5)), hi_bound)
+        lo = min(lo, hi_bound - num_taps)
+        total = 0.0
+        for k in range(num_taps):
+            w = 1.0 - abs((lo + k + 0.5 - center) / support)
+            if w < 0.0 or lo + k >= hi:
+                w = 0.0
+            weights[o, k] = w
+            total += w
+        for k in range(num_taps):
+            weights[o, k] /= total
+        first[o] = lo
+
+
+@njit(inline="always")
+def _num_taps(start, length, out_size):
+    """Taps per output pixel: the widest window of `_filter_taps` (about 2 * max(shrink factor, 1))."""
+    scale = length / out_size
+    support = max(scale, 1.0)
+    lo_bound, hi_bound = int(np.floor(start)), int(np.ceil(start + length))
+    taps = 1
+    for o in range(out_size):
+        center = start + (o + 0.5) * scale
+        lo = max(int(np.floor(center - support + 0.5)), lo_bound)
+        hi = min(int(np.floor(center + support + 0.5)), hi_bound)
+        taps = max(taps, hi - lo)
+    return taps
+
+
+_BLOCK = 8  # rows (and columns) handled together so that the transposes below move whole tiles
+
+
+def scratch_floats(max_width, out_h):
+    """Length of the float32 scratch `resize_crop` needs for images up to max_width wide."""
+    return (max_width + 1) * out_h * 3
+
+
+@njit(fastmath=True, nogil=True)
+def resize_crop(image, top, left, height, width, dst, flip, scratch, scale, shift, bright, contrast, saturation):
+    """Resample the crop [top, top+height) x [left, left+width) of image (H, W, 3) uint8 into dst (h, w, 3).
+
+    Antialiased bilinear (`_filter_taps`): matches torchvision's resized_crop(antialias=True) on uint8
+    images within rounding. The crop may be fractional (a crop drawn at full size, decoded at a
+    reduced DCT scale). `flip` writes the mirror image. bright, contrast, saturation: colour jitter
+    factors, 1 for none (`_jitter_pixel`). Each output value v is then written as
+    v * scale[c] + shift[c] in dst's dtype: scale 1, shift 0.5 rounds to uint8; scale 1/(255 std),
+    shift -mean/std gives normalised floats. scratch: float32, `scratch_floats` long.
+
+    Two separable passes: vertical on image rows (contiguous, vectorised), written transposed and
+    channel-planar so that the horizontal pass, the jitter and the conversion also run on contiguous
+    memory; the transposes move 8-pixel tiles.
+    """
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    taps_y, taps_x = _num_taps(top, height, out_h), _num_taps(left, width, out_w)
+    first_y, weights_y = np.empty(out_h, np.int64), np.empty((out_h, taps_y), np.float32)
+    first_x, weights_x = np.empty(out_w, np.int64), np.empty((out_w, taps_x), np.float32)
+    _filter_taps(top, height, out_h, taps_y, first_y, weights_y)
+    _filter_taps(left, width, out_w, taps_x, first_x, weights_x)
+    x0 = int(np.floor(left))
+    nx = int(np.ceil(left + width)) - x0  # source columns the crop touches
+    rows_in = image.reshape(image.shape[0], image.shape[1] * 3)[:, 3 * x0:3 * (x0 + nx)]  # (H, nx * 3)
+    m = out_h * 3
+    cols = scratch[:nx * m].reshape(nx, m)  # cols[x, c * out_h + oy]: the vertical pass, transposed, planar
+    # 1. vertical pass, _BLOCK output rows at a time; column sums for the mean grey of step 2
+    rows = np.empty((_BLOCK, nx * 3), np.float32)
+    column_sums = np.zeros(nx * 3, np.float32)
+    for oy0 in range(0, out_h, _BLOCK):
+        nb = min(_BLOCK, out_h - oy0)
+        for b in range(nb):
+            row = rows[b]
+            row[:] = 0.0
+            for k in range(taps_y):
+                wk = weights_y[oy0 + b, k]
+                source = rows_in[first_y[oy0 + b] + k]
+                for i in range(nx * 3):
+                    row[i] += wk * np.float32(source[i])
+            for i in range(nx * 3):
+                column_sums[i] += row[i]  # (nx * 3,) interleaved
+        for x in range(nx):
+            column = cols[x]
+            for c in range(3):
+                for b in range(nb):
+                    column[c * out_h + oy0 + b] = rows[b, 3 * x + c]
+    # 2. contrast blends towards the mean grey of the brightened image. The filter's weights are
+    # non-negative, so the output is a linear map of the columns: its channel sums follow from theirs.
+    bright, contrast, saturation = np.float32(bright), np.float32(contrast), np.float32(saturation)
+    offset = np.float32(0.0)
+    if contrast != 1.0:
+        sums = np.zeros(3)
+        for ox in range(out_w):
+            for k in range(taps_x):
+                x = first_x[ox] + k - x0
+                for c in range(3):
+                    sums[c] += weights_x[ox, k] * column_sums[3 * x + c]
+        mean_gray = bright * (0.299 * sums[0] + 0.587 * sums[1] + 0.114 * sums[2]) / (out_h * out_w)
+        offset = np.float32((1.0 - contrast) * mean_gray)
+    # 3. horizontal pass, _BLOCK output columns at a time, then the jitter and the output conversion
+    # (on contiguous planes), written back untransposed
+    acc = np.empty((_BLOCK, m), np.float32)
+    converted = np.empty((_BLOCK, 3, out_h), np.float32)  # a separate array: the loop above vectorises
+    out_rows = dst.reshape(out_h, out_w * 3)
+    s0, s1, s2 = np.float32(scale[0]), np.float32(scale[1]), np.float32(scale[2])
+    t0, t1, t2 = np.float32(shift[0]), np.float32(shift[1]), np.float32(shift[2])
+    full = np.float32(255.0)
+    for ox0 in range(0, out_w, _BLOCK):
+        nb = min(_BLOCK, out_w - ox0)
+        for b in range(nb):
+            a = acc[b]
+            a[:] = 0.0
+            for k in range(taps_x):
+                wk = weights_x[ox0 + b, k] * bright
+                column = cols[first_x[ox0 + b] + k - x0]
+                for i in range(m):
+                    a[i] += wk * column[i]
+            red, green, blue = a[:out_h], a[out_h:2 * out_h], a[2 * out_h:]
+            out_red, out_green, out_blue = converted[b, 0], converted[b, 1], converted[b, 2]
+            for oy in range(out_h):
+                r, g, bl = _jitter_pixel(min(red[oy], full), min(green[oy], full), min(blue[oy], full),
+                                         contrast, offset, saturation)
+                out_red[oy] = r * s0 + t0
+                out_green[oy] = g * s1 + t1
+                out_blue[oy] = bl * s2 + t2
+        for oy in range(out_h):
+            for b in range(nb):
+                x = out_w - 1 - (ox0 + b) if flip else ox0 + b
+                out_rows[oy, 3 * x] = converted[b, 0, oy]
+                out_rows[oy, 3 * x + 1] = converted[b, 1, oy]
+                out_rows[oy, 3 * x + 2] = converted[b, 2, oy]
+
+
+@njit(inline="always")
+def _jitter_pixel(r, g, b, contrast, offset, saturation):
+    """Contrast (a blend with the mean grey, `offset` = (1 - contrast) * mean grey), then saturation
+    (a blend with the pixel's own grey), each clamped to [0, 255]; identity for factors 1 and offset 0.
+
+    Colour jitter here = brightness (in `resize_crop`), contrast, saturation, with factors uniform
+    in [max(0, 1-s), 1+s] (`_jitter_factor`). Where it differs from torchvision's
+    ColorJitter(brightness=s, contrast=s, saturation=s, hue=h):
+    - order: always brightness, contrast, saturation; torchvision applies its steps in a random
+      order drawn per image;
+    - hue: none (torchvision's hue step converts every pixel to HSV and back);
+    - rounding: once at the end (torchvision truncates uint8 images to integers after each step);
+    - the mean grey that contrast blends towards is the brightened image's before clamping to 255
+      (torchvision: after), so that it follows from the resize's column sums without a second pass;
+    - it runs on the resized crop, as torchvision's does when it follows RandomResizedCrop.
+    Grey is ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B), as in torchvision.
+    """
+    zero, full = np.float32(0.0), np.float32(255.0)
+    r = min(max(contrast * r + offset, zero), full)
+    g = min(max(contrast * g + offset, zero), full)
+    b = min(max(contrast * b + offset, zero), full)
+    gray = (np.float32(1.0) - saturation) * (np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b)
+    return (min(max(saturation * r + gray, zero), full), min(max(saturation * g + gray, zero), full),
+            min(max(saturation * b + gray, zero), full))
+
+
+@njit(inline="always")
+def _jitter_factor(key, draw, strength):
+    """A colour jitter factor, uniform in [max(0, 1 - strength), 1 + strength]; 1 for strength 0."""
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    return lo + (hi - lo) * uniform(key, draw) if strength > 0 else 1.0
+
+
+@njit(inline="always")
+def _dct_scale(height, width, out_h, out_w, enabled):
+    """Largest JPEG decoding scale divisor (libjpeg-turbo decodes at 1/2, 1/4, 1/8 in its IDCT, for a
+    fraction of the full cost) that keeps the crop at least as large as the output."""
+    if enabled:
+        for divisor in (8, 4, 2):
+            if height >= divisor * out_h and width >= divisor * out_w:
+                return divisor
+    return 1
+
+
+def output_conversion(normalize):
+    """(dtype, scale (3,), shift (3,)) of `resize_crop`'s write: uint8 for normalize=None, else the
+    float32 (x / 255 - mean) / std for normalize=(mean, std)."""
+    if normalize is None:
+        return np.dtype(np.uint8), np.ones(3, np.float32), np.full(3, 0.5, np.float32)
+    mean, std = (np.asarray(v, np.float64) for v in normalize)
+    return np.dtype(np.float32), (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
+
+class CropResizeDecoder(RandomResizedCropRGBImageDecoder):
+    """Decode, crop, resize with `resize_crop` (antialiased bilinear), optionally mirror and normalise.
+
+    Replaces FFCV's ResizedCropRGBImageDecoder, whose resize is OpenCV's INTER_AREA: on enlargement
+    that equals nearest-neighbour (a 32-px image reaches 224 px as 7x7 blocks), and on reduction it
+    costs about twice this one. Subclasses choose the crop, flip and colour jitter (`crop_code`).
+    normalize=(mean, std) writes float32 (x/255 - mean)/std instead of uint8.
+    """
+
+    def __init__(self, output_size, *, normalize=None, dct_scaling=True):
+        super().__init__(output_size)
+        self.normalize, self.dct_scaling = normalize, dct_scaling
+        self.decoded = self.scratch = None  # ThreadScratch, sized from the beton's largest image
+
+    def declare_state_and_memory(self, previous_state):
+        out_h, out_w = self.output_size
+        max_width, max_height = int(self.metadata["width"].max()), int(self.metadata["height"].max())
+        # Decoding buffer and resize scratch per thread, not per sample as AllocationQuery would give:
+        # FFCV allocates its buffers afresh for every epoch (EpochIterator), for batches_ahead + 2
+        # batches, and the page faults of ~1 MB of new memory per sample cost as much as the resize.
+        # FFCV calls this again for every epoch; the compiled code keeps the first buffers' addresses.
+        if self.decoded is None:
+            self.decoded = ThreadScratch(max_height * max_width * 3, np.uint8)
+            self.scratch = ThreadScratch(scratch_floats(max_width, out_h), np.float32)
+        dtype = output_conversion(self.normalize)[0]
+        output_shape = (out_h, out_w, 3)
+        return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=dtype),
+                AllocationQuery(output_shape, dtype))
+
+    def crop_code(self):
+        """A compiled (height, width, epoch, batch, position) -> (top, left, h, w, flip, brightness,
+        contrast, saturation). Scalars, not a tuple of factors: numba's parfor array analysis fails on
+        a tuple assigned in a branch (and FFCV's loader thread then hangs on the compile error)."""
+        raise NotImplementedError
 
     def generate_code(self):
-        # Same body as ffcv.fields.rgb_image.ResizedCropRGBImageDecoder.generate_code, crop draw aside.
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
-        log_ratio_lo, log_ratio_hi = float(np.log(self.ratio[0])), float(np.log(self.ratio[1]))
-        seed, address = _U64(self.seed), self.cell.address
+        crop = self.crop_code()
+        _, scale, shift = output_conversion(self.normalize)
+        out_h, out_w = self.output_size
+        dct_scaling = self.dct_scaling
+        address = self.cell.address
+        decoded_address, decoded_size = self.decoded.address, _U64(self.decoded.size)
+        scratch_address, scratch_size = self.scratch.address, _U64(self.scratch.size)  # float32 items
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
+        def decode(batch_indices, destination, metadata, storage_state):
             epoch, batch = _read_cell_and_advance(address)
             for dst_ix in my_range(len(batch_indices)):
+                thread = _U64(numba.get_thread_id())  # this thread's row of each ThreadScratch
+                buffer = numba.carray(_void_pointer(decoded_address + thread * decoded_size), (decoded_size,), np.uint8)
+                scratch = numba.carray(_void_pointer(scratch_address + thread * scratch_size * _U64(4)),
+                                       (scratch_size,), np.float32)
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
-                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                height, width = np.int64(field["height"]), np.int64(field["width"])
+                top, left, h, w, flip, bright, contrast, saturation = crop(height, width, epoch, batch, dst_ix)
+                divisor = 1
                 if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    divisor = _dct_scale(h, w, out_h, out_w, dct_scaling)
+                    # libjpeg-turbo's scaled size: ceil(size / divisor) (TJSCALED)
+                    dec_h, dec_w = (height + divisor - 1) // divisor, (width + divisor - 1) // divisor
+                    imdecode_c(image_data, buffer, np.uint32(height), np.uint32(width), np.uint32(height),
+                               np.uint32(width), 0, 0, 1, np.uint32(divisor), False, False)
+                    image = buffer[:3 * dec_h * dec_w].reshape(dec_h, dec_w, 3)
                 else:
-                    temp_buffer = image_data.reshape(height, width, 3)
-                key = sample_key(seed, CROP_STREAM, epoch, batch, dst_ix)
-                i, j, h, w = _random_crop(np.int64(height), np.int64(width), scale_lo, scale_hi,
-                                          log_ratio_lo, log_ratio_hi, key)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                    image = image_data.reshape(height, width, 3)
+                resize_crop(image, top / divisor, left / divisor, h / divisor, w / divisor, destination[dst_ix],
+                            flip, scratch, scale, shift, bright, contrast, saturation)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
 
 
-class SeededHorizontalFlip(Operation):
-    """Flip (B, H, W, C) uint8 images left-right with probability flip_prob, seeded per sample."""
+class SeededRandomResizedCrop(CropResizeDecoder):
+    """Random-resized crop (torchvision's crop distribution), horizontal flip and colour jitter of
+    strength color_jitter (0 = none; `_jitter_pixel` says how it differs from torchvision's
+    ColorJitter), seeded per sample.
 
-    def __init__(self, *, seed, flip_prob=0.5):
-        super().__init__()
-        self.seed, self.flip_prob = seed, flip_prob
-        self.cell = EpochCell()
-
-    def generate_code(self):
-        my_range = Compiler.get_iterator()
-        seed, address, flip_prob = _U64(self.seed), self.cell.address, self.flip_prob
-
-        def flip(images, dst):
-            epoch, batch = _read_cell_and_advance(address)
-            for i in my_range(images.shape[0]):
-                if uniform(sample_key(seed, FLIP_STREAM, epoch, batch, i), 0) < flip_prob:
-                    dst[i] = images[i, :, ::-1]
-                else:
-                    dst[i] = images[i]
-            return dst[:images.shape[0]]
-
-        flip.is_parallel = True
-        return flip
-
-    def declare_state_and_memory(self, previous_state):
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
-
-
-class ColorJitter(Operation):
-    """Brightness, then contrast, then saturation, each factor uniform in [max(0, 1-s), 1+s].
-
-    As torchvision's ColorJitter(s, s, s) without hue, but in a fixed order and without rounding
-    between the three steps (one rounding at the end). Operates on (B, H, W, 3) uint8 images.
+    The crop, the flip and the jitter factors are hashes of (seed, epoch, batch, position) (streams
+    CROP_STREAM, FLIP_STREAM, JITTER_STREAM), so they do not depend on threads or earlier epochs;
+    flip_prob=0 never flips.
     """
 
-    def __init__(self, strength, *, seed):
-        super().__init__()
-        self.strength, self.seed = float(strength), seed
+    def __init__(self, output_size, *, scale, ratio, seed, flip_prob=0.0, color_jitter=0.0, normalize=None,
+                 dct_scaling=True):
+        super().__init__(output_size, normalize=normalize, dct_scaling=dct_scaling)
+        self.scale, self.ratio = scale, ratio
+        self.seed, self.flip_prob, self.color_jitter = seed, flip_prob, float(color_jitter)
         self.cell = EpochCell()
 
-    def generate_code(self):
-        my_range = Compiler.get_iterator()
-        seed, address = _U64(self.seed), self.cell.address
-        lo, hi = max(0.0, 1.0 - self.strength), 1.0 + self.strength
+    def crop_code(self):
+        scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
+        log_ratio_lo, log_ratio_hi = float(np.log(self.ratio[0])), float(np.log(self.ratio[1]))
+        seed, flip_prob, strength = _U64(self.seed), float(self.flip_prob), self.color_jitter
 
-        def jitter(images, dst):
-            epoch, batch = _read_cell_and_advance(address)
-            for i in my_range(images.shape[0]):
-                key = sample_key(seed, JITTER_STREAM, epoch, batch, i)
-                bright = lo + (hi - lo) * uniform(key, 0)
-                contrast = lo + (hi - lo) * uniform(key, 1)
-                saturation = lo + (hi - lo) * uniform(key, 2)
-                image, out = images[i], dst[i]
-                height, width = image.shape[0], image.shape[1]
-                gray_sum = 0.0  # contrast blends towards the mean gray of the brightened image
-                for y in range(height):
-                    for x in range(width):
-                        r = min(255.0, bright * image[y, x, 0])
-                        g = min(255.0, bright * image[y, x, 1])
-                        b = min(255.0, bright * image[y, x, 2])
-                        gray_sum += 0.299 * r + 0.587 * g + 0.114 * b
-                mean_gray = gray_sum / (height * width)
-                for y in range(height):
-                    for x in range(width):
-                        r = min(255.0, bright * image[y, x, 0])
-                        g = min(255.0, bright * image[y, x, 1])
-                        b = min(255.0, bright * image[y, x, 2])
-                        r = min(255.0, max(0.0, contrast * r + (1.0 - contrast) * mean_gray))
-                        g = min(255.0, max(0.0, contrast * g + (1.0 - contrast) * mean_gray))
-                        b = min(255.0, max(0.0, contrast * b + (1.0 - contrast) * mean_gray))
-                        gray = 0.299 * r + 0.587 * g + 0.114 * b
-                        out[y, x, 0] = np.uint8(min(255.0, max(0.0, saturation * r + (1.0 - saturation) * gray)) + 0.5)
-                        out[y, x, 1] = np.uint8(min(255.0, max(0.0, saturation * g + (1.0 - saturation) * gray)) + 0.5)
-                        out[y, x, 2] = np.uint8(min(255.0, max(0.0, saturation * b + (1.0 - saturation) * gray)) + 0.5)
-            return dst[:images.shape[0]]
+        @njit(inline="always")
+        def crop(height, width, epoch, batch, position):
+            key = sample_key(seed, CROP_STREAM, epoch, batch, position)
+            top, left, h, w = _random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, key)
+            flip = uniform(sample_key(seed, FLIP_STREAM, epoch, batch, position), 0) < flip_prob
+            jitter_key = sample_key(seed, JITTER_STREAM, epoch, batch, position)
+            return (top, left, h, w, flip, _jitter_factor(jitter_key, 0, strength),
+                    _jitter_factor(jitter_key, 1, strength), _jitter_factor(jitter_key, 2, strength))
 
-        jitter.is_parallel = True
-        return jitter
+        return crop
 
-    def declare_state_and_memory(self, previous_state):
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+class CenterCropResize(CropResizeDecoder):
+    """The eval crop: the centred square of side int(ratio * shorter side), resized to output_size.
+
+    The crop is FFCV's CenterCropRGBImageDecoder's (ffcv.fields.rgb_image.get_center_crop); the
+    resize interpolates (`resize_crop`) where FFCV's enlarges by nearest neighbour.
+    """
+
+    def __init__(self, output_size, *, ratio, normalize=None, dct_scaling=True):
+        super().__init__(output_size, normalize=normalize, dct_scaling=dct_scaling)
+        self.ratio = float(ratio)
+        self.cell = EpochCell()  # counts batches like the seeded ops; the crop does not use it
+
+    def crop_code(self):
+        ratio = self.ratio
+
+        @njit(inline="always")
+        def crop(height, width, epoch, batch, position):
+            side = int(ratio * min(height, width))
+            return (height - side) // 2, (width - side) // 2, side, side, False, 1.0, 1.0, 1.0
+
+        return crop
