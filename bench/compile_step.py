@@ -24,7 +24,7 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
-from hjepa.data import normalize_images
+from hjepa.loaders import normalize_images
 from hjepa.engine import build_optimizer, train_step
 from hjepa.masks import MaskConfig, mask_sizes, sample_masks
 from hjepa.model import ModelConfig, build_model

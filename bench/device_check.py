@@ -35,6 +35,7 @@ START = time.perf_counter()  # the budget counts from here: the imports below ta
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -46,9 +47,9 @@ import torch
 from hjepa.beton import read_manifest, write_beton
 from hjepa.budgeted_run import BudgetedRun
 from hjepa.compile_stats import compilation_records, compile_log, compiled_graphs
-from hjepa.config import load_config, mask_config, model_config, optim_config
+from hjepa.config import data_config, load_config, mask_config, model_config, optim_config
 from hjepa.copy_race import check_device_copies, direct_copy
-from hjepa.data import build_train_loader, images_to_device, normalize_images
+from hjepa.loaders import build_train_loader, images_to_device, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import UserError
 from hjepa.flops import datasheet_peak_tflops, mfu, train_flops_per_image
@@ -149,10 +150,9 @@ def train_loader(run, cfg):
     if "loader" not in run.kept:
         if "beton" not in run.kept:
             raise RuntimeError("no beton: the data section did not run")
-        run.kept["loader"] = build_train_loader(
-            run.kept["beton"], batch_size=cfg["data.batch_size"], num_workers=run.args.num_workers or os.cpu_count(),
-            image_size=cfg["data.image_size"], crop_scale=cfg["data.crop_scale"],
-            flip=cfg["data.flip"], in_memory=True, order="random", seed=0)
+        run.kept["loader"] = build_train_loader(dataclasses.replace(
+            data_config(cfg), train_dataset=run.kept["beton"], num_workers=run.args.num_workers or os.cpu_count(),
+            in_memory=True, order="random", seed=0))
     return run.kept["loader"]
 
 
@@ -206,7 +206,7 @@ def section_copy_race(run):
         finally:
             source.close()
         if name == "staged":
-            run.record(**result, copy_function="hjepa.data.images_to_device")
+            run.record(**result, copy_function="hjepa.loaders.images_to_device")
         else:  # a control: only a mismatch here is news (the check can see a race)
             run.record(direct_copy_control={"race_seen": not result["passed"], **result})
 

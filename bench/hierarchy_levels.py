@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hjepa.checkpoint import load_checkpoint
-from hjepa.data import normalize_images
+from hjepa.loaders import normalize_images
 from hjepa.masks import MaskConfig, mask_sizes, sample_masks
 from hjepa.model import ModelConfig, build_model, level_cells, pool_target_blocks
 from hjepa.synthetic import make_images

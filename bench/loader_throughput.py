@@ -12,7 +12,7 @@ drawn into bench.work_dir (hjepa.synthetic.write_photo_like_folder) and reused b
       RandomResizedCrop bicubic, flip, ColorJitter of strength SEED_COLOR_JITTER, ToTensor, Normalize)
       in a DataLoader(num_workers, shuffle, pin_memory);
   (b) ours: the beton written from the folder by write_beton with the project's default storage
-      policy (timed separately), read by hjepa.data.build_train_loader; on a CPU consumer the
+      policy (timed separately), read by hjepa.loaders.build_train_loader; on a CPU consumer the
       loader's threads normalise (output="float32"), on a GPU the consumer does (normalize_images);
       also timed: uint8 batches alone, and on the CPU the consumer normalising uint8 batches;
   (c) ceiling: single-thread OpenCV (libjpeg-turbo) decode of the beton's stored JPEG bytes, x workers.
@@ -33,7 +33,7 @@ from torchvision import transforms
 
 from hjepa.beton import read_manifest, write_beton
 from hjepa.config import config_from_cli, format_config, save_config
-from hjepa.data import IMAGENET_MEAN, IMAGENET_STD, build_train_loader, normalize_images
+from hjepa.loaders import IMAGENET_MEAN, IMAGENET_STD, DataConfig, build_train_loader, normalize_images
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.runlog import cpu_model
 from hjepa.sources import image_folder_samples
@@ -122,9 +122,9 @@ def seed_pipeline_img_s(root, *, num_workers, batch_size, image_size, crop_scale
 def ffcv_img_s(beton, *, num_workers, batch_size, image_size, crop_scale, flip, epochs, device, output,
                normalize_on_consumer):
     """(b) our train loader with loader output `output`, normalised on `device` when asked."""
-    with build_train_loader(beton, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-                            crop_scale=crop_scale, flip=flip, color_jitter=OUR_COLOR_JITTER, in_memory=True,
-                            order="random", seed=0, output=output) as loader:
+    config = DataConfig(train_dataset=beton, batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+                        crop_scale=crop_scale, flip=flip, color_jitter=OUR_COLOR_JITTER)
+    with build_train_loader(config, output=output) as loader:
         reused = {}  # one float batch buffer, as a training loop's allocator would give it
 
         def batches_of_epoch():

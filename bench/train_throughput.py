@@ -15,7 +15,7 @@ import torch
 
 from hjepa import schedules
 from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_config, model_config,
-                          train_loader_kwargs)
+                          data_config)
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import exit_on_user_error
 from hjepa.runlog import cpu_model
@@ -23,7 +23,7 @@ from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
 from hjepa.parallel import resolve_device
-from hjepa.data import build_train_loader, normalize_images
+from hjepa.loaders import build_train_loader, normalize_images
 
 READS = ("data", "model", "masking", "hardware", "bench")
 
@@ -31,7 +31,7 @@ READS = ("data", "model", "masking", "hardware", "bench")
 def batches_forever(cfg):
     """uint8 (B, 3, H, W) CPU batches: the real train loader looped over epochs, or one fixed random batch."""
     if cfg["data.train_dataset"]:
-        loader = build_train_loader(**train_loader_kwargs(cfg), distributed=False, drop_last=True)
+        loader = build_train_loader(data_config(cfg), distributed=False, drop_last=True)
         epoch = 0
         try:
             while True:

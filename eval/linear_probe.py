@@ -61,7 +61,7 @@ def features_for(cfg, beton_path, manifest, encoder, *, encoder_key, cache_dir, 
     cache_path = probe.feature_cache_path(cache_dir, key, name=name)
 
     def extract():
-        from hjepa.data import build_eval_loader  # imports ffcv (seconds of JIT): only when extracting
+        from hjepa.loaders import build_eval_loader  # imports ffcv (seconds of JIT): only when extracting
 
         with build_eval_loader(beton_path, batch_size=cfg["eval.extract_batch_size"],
                                num_workers=cfg["eval.num_workers"], image_size=image_size,

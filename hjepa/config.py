@@ -19,6 +19,7 @@ import yaml
 from fastargs import Config, Param, Section, set_current_config
 from fastargs.validation import Checker
 
+from hjepa.loaders import DataConfig
 from hjepa.errors import UserError
 from hjepa.masks import MaskConfig
 from hjepa.model import ModelConfig
@@ -544,11 +545,6 @@ def optim_config(cfg):
     return section_dataclass(cfg, "optim", OptimConfig)
 
 
-def train_loader_kwargs(cfg):
-    """hjepa.data.build_train_loader's arguments from the data section (the caller adds distributed, drop_last)."""
-    return dict(
-        path=cfg["data.train_dataset"], batch_size=cfg["data.batch_size"], num_workers=cfg["data.num_workers"],
-        image_size=cfg["data.image_size"], crop_scale=cfg["data.crop_scale"],
-        flip=cfg["data.flip"], color_jitter=cfg["data.color_jitter"], in_memory=cfg["data.in_memory"],
-        order=cfg["data.order"], seed=cfg["data.seed"], mixture=cfg["data.mixture"] or None,
-        epoch_samples=cfg["data.epoch_samples"])
+def data_config(cfg):
+    """hjepa.loaders.DataConfig from the data section."""
+    return section_dataclass(cfg, "data", DataConfig)

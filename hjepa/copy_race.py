@@ -4,7 +4,7 @@ FFCV hands out views of pinned output buffers that its thread overwrites once th
 requested; a non_blocking copy runs when the stream gets to it. check_device_copies takes a checksum
 of each batch on the host before the copy and one of the device copy, keeps the GPU busier than the
 host (a spin kernel per step) so the host runs ahead as training does without per-step syncs, and
-reads the device checksums back once, at the end. hjepa.data.images_to_device must match on every
+reads the device checksums back once, at the end. hjepa.loaders.images_to_device must match on every
 batch; direct_copy (straight from FFCV's view) is the race it removes, a control showing the check can
 see one. On the CPU the copies are synchronous: nothing runs ahead, so both paths match.
 """
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from hjepa.data import images_to_device
+from hjepa.loaders import images_to_device
 
 MAX_STEPS_AHEAD = 32  # > FFCV's batches_ahead + 2 output slots: a copy left pending this long reads a reused slot
 BUSY_PER_HOST_TIME = 1.5  # GPU spin per step / host time per step: the host's lead grows by a third of a step each step

@@ -32,7 +32,7 @@ def architecture_path(weights_path):
 def export_encoder(encoder, path, source):
     """Write `encoder`'s weights to `path` (.safetensors) and its architecture to architecture_path(path),
     each atomically. `source` (a dict: checkpoint, step, encoder role, ...) goes into the JSON; returns the JSON."""
-    from hjepa.data import IMAGENET_MEAN, IMAGENET_STD  # imports ffcv (seconds): not for --help or a bad path
+    from hjepa.loaders import IMAGENET_MEAN, IMAGENET_STD  # imports ffcv (seconds): not for --help or a bad path
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.state_dict().items()}
     info = {"format": FORMAT, "weights": os.path.basename(path), **source,

@@ -35,9 +35,9 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
 
     Returns (features float32 (N, D * k) on the CPU, labels int64 (N,)).
     """
-    # Imported here, not at the top: hjepa.data imports ffcv, which JIT-compiles for seconds at import,
+    # Imported here, not at the top: hjepa.loaders imports ffcv, which JIT-compiles for seconds at import,
     # and the probe and k-NN functions below need none of it.
-    from hjepa.data import normalize_images
+    from hjepa.loaders import normalize_images
 
     device = torch.device(device)
     was_training = encoder.training
@@ -65,7 +65,7 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
 
 
 def _num_samples(loader):
-    """Samples the bar should expect: hjepa.data's JepaLoader wraps an ffcv.Loader whose `indices`
+    """Samples the bar should expect: hjepa.loaders's JepaLoader wraps an ffcv.Loader whose `indices`
     lists what it reads; any other iterable gets a bar without a total."""
     indices = getattr(getattr(loader, "loader", loader), "indices", None)
     return len(indices) if indices is not None else None

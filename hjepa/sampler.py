@@ -206,7 +206,7 @@ def format_expected_counts(member_names, member_sizes, counts):
 
 
 def expected_counts_table(loader):
-    """The table for a hjepa.data loader with a weighted/balanced order; "" for other orders."""
+    """The table for a hjepa.loaders loader with a weighted/balanced order; "" for other orders."""
     if getattr(loader, "epoch_counts", None) is None:
         return ""
     names, sizes = zip(*loader.members)

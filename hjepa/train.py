@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from hjepa import checkpoint as ckpt_io
 from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_config, model_config,
-                          optim_config, save_config, train_loader_kwargs)
-from hjepa.data import build_eval_loader, build_train_loader, normalize_images
+                          optim_config, save_config, data_config)
+from hjepa.loaders import build_eval_loader, build_train_loader, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.flops import mfu, train_flops_per_image
@@ -39,7 +39,7 @@ TRAIN_SECTIONS = ("data", "model", "masking", "optim", "training", "hardware", "
 
 
 def build_loader(cfg, info):
-    return build_train_loader(**train_loader_kwargs(cfg), distributed=info.enabled, drop_last=True)
+    return build_train_loader(data_config(cfg), distributed=info.enabled, drop_last=True)
 
 
 def build_monitor_loaders(cfg, train_loader, build=True):

@@ -21,7 +21,7 @@ NUMBA_FILE = "/venv/site-packages/numba/core/dispatcher.py"
 
 def test_only_numbas_finalizer_keyerror_counts_as_noise():
     assert is_numba_finalizer_keyerror(raised_in(NUMBA_FILE, "finalizer", KeyError))
-    assert not is_numba_finalizer_keyerror(raised_in("/repo/hjepa/data.py", "finalizer", KeyError))
+    assert not is_numba_finalizer_keyerror(raised_in("/repo/hjepa/loaders.py", "finalizer", KeyError))
     assert not is_numba_finalizer_keyerror(raised_in(NUMBA_FILE, "finalizer", ValueError))
 
 

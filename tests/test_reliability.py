@@ -7,7 +7,7 @@ alone is ~3 s), so only the cases where the process itself matters run as one: t
 code in them (which must not run in any process) through train.py and linear_probe.py, and one
 start-up each of bench/train_throughput.py and write_datasets/multi.py.
 Those start side by side in one module fixture. tests/test_train.py, test_probe.py and
-test_data.py already run train.py and linear_probe.py as processes for other bad inputs.
+test_loaders.py already run train.py and linear_probe.py as processes for other bad inputs.
 
 Interruptions: real `python hjepa/train.py` processes get SIGINT, SIGTERM or SIGKILL; they use the
 deterministic 32 px vit_micro of tests/test_train.py, so a resumed run is compared bit for bit with

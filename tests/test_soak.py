@@ -4,7 +4,7 @@ import gc
 import os
 import threading
 
-from hjepa.data import build_train_loader
+from hjepa.loaders import DataConfig, build_train_loader
 
 
 def resident_bytes():
@@ -17,7 +17,7 @@ def thread_counts():
 
 
 def test_loader_runs_24_epochs_without_growing_memory_or_threads(tiny_beton):
-    with build_train_loader(tiny_beton, batch_size=8, num_workers=2, image_size=32, seed=0) as loader:
+    with build_train_loader(DataConfig(train_dataset=tiny_beton, batch_size=8, num_workers=2, image_size=32)) as loader:
         for epoch in range(24):
             for batch, (images, _, _) in enumerate(loader.epoch(epoch)):
                 images.float().mean()  # touch the pixels, as a consumer would

@@ -139,7 +139,7 @@ def photo_like(rng, size):
 def test_eval_crop_of_stored_photos_is_torchvision_resize_256_center_crop_224(tmp_path):
     from torchvision import transforms
 
-    from hjepa.data import build_eval_loader
+    from hjepa.loaders import build_eval_loader
 
     files = []
     for i, (folder, size) in enumerate([("wide", (500, 375))] * 2 + [("tall", (375, 500))] * 2):

@@ -1,4 +1,4 @@
-"""FFCV train/eval loaders (hjepa.data) on small betons the tests write themselves."""
+"""FFCV train/eval loaders (hjepa.loaders) on small betons the tests write themselves."""
 import hashlib
 import os
 import subprocess
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hjepa import data
+from hjepa import loaders
 from hjepa.beton import write_beton
 from hjepa.errors import UserError
 from hjepa.sampler import expected_counts, weighted_epoch_indices
@@ -41,7 +41,8 @@ def train_loader(path, **overrides):
     kwargs = dict(batch_size=BATCH, num_workers=2, image_size=SIZE, crop_scale=(0.3, 1.0), flip=True,
                   color_jitter=0.1, seed=0)
     kwargs.update(overrides)
-    return data.build_train_loader(path, **kwargs)
+    distributed = kwargs.pop("distributed", False)
+    return loaders.build_train_loader(loaders.DataConfig(train_dataset=path, **kwargs), distributed=distributed)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def gradient_loaders(gradient_beton):
 
 @pytest.fixture(scope="module")
 def eval_loader(tiny_beton):
-    with data.build_eval_loader(tiny_beton, batch_size=10, num_workers=1, image_size=SIZE) as loader:
+    with loaders.build_eval_loader(tiny_beton, batch_size=10, num_workers=1, image_size=SIZE) as loader:
         yield loader
 
 
@@ -61,7 +62,7 @@ def eval_loader(tiny_beton):
 def weighted_rank1_loader(tiny_multi_beton):
     """Rank 1 of a world of 2, order weighted: what a second GPU process would read."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "_rank_and_world", lambda distributed: (1, 2))
+        patch.setattr(loaders, "_rank_and_world", lambda distributed: (1, 2))
         loader = train_loader(tiny_multi_beton, order="weighted", mixture="big:0.5,mid:0.2,small:0.3",
                               batch_size=4, num_workers=1, distributed=True)
     with loader:
@@ -130,9 +131,9 @@ def test_abandoned_epoch_leaves_no_thread(gradient_loaders):
 
 
 def test_same_batches_in_a_fresh_process(gradient_loaders, gradient_beton):
-    script = ("import sys, hashlib; from hjepa.data import build_train_loader\n"
-              f"loader = build_train_loader(sys.argv[1], batch_size={BATCH}, num_workers=1, image_size={SIZE}, "
-              "crop_scale=(0.3, 1.0), flip=True, color_jitter=0.1, seed=0)\n"
+    script = ("import sys, hashlib; from hjepa.loaders import DataConfig, build_train_loader\n"
+              f"loader = build_train_loader(DataConfig(train_dataset=sys.argv[1], batch_size={BATCH}, num_workers=1, "
+              f"image_size={SIZE}, crop_scale=(0.3, 1.0), flip=True, color_jitter=0.1, seed=0))\n"
               "print(hashlib.sha1(b''.join(b[0].contiguous().numpy().tobytes() for b in loader.epoch(4)))"
               ".hexdigest())\n")
     done = subprocess.run([sys.executable, "-c", script, gradient_beton], cwd=REPO_ROOT, capture_output=True,
@@ -183,7 +184,7 @@ def test_a_held_batch_stays_intact_until_the_next_is_requested(eval_loader):
 def test_staged_copy_keeps_its_batch_after_the_loader_reuses_the_buffer(eval_loader):
     batches = eval_loader.epoch(0)
     images, _, _ = next(batches)
-    staged = data.staging_copy(images, pin=False)  # what images_to_device copies from on CUDA (pinned there)
+    staged = loaders.staging_copy(images, pin=False)  # what images_to_device copies from on CUDA (pinned there)
     assert staged.untyped_storage().data_ptr() != images.untyped_storage().data_ptr()
     assert staged.stride() == images.stride()  # channels_last kept: the device copy stays one memcpy
     first = images.clone()
@@ -196,13 +197,13 @@ def test_staged_copy_keeps_its_batch_after_the_loader_reuses_the_buffer(eval_loa
 def test_beton_without_manifest_is_read_after_a_one_line_warning(tiny_beton, tmp_path, capsys):
     copy = str(tmp_path / "elsewhere.beton")  # as if written by FFCV's own writer: no manifest beside it
     shutil.copyfile(tiny_beton, copy)
-    assert data._inspect_beton(copy) == (["image", "label"], 64)
+    assert loaders._inspect_beton(copy) == (["image", "label"], 64)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning:") and copy in lines[0] and "manifest" in lines[0]
 
 
 def test_beton_with_its_manifest_is_read_silently(tiny_beton, capsys):
-    data._inspect_beton(tiny_beton)
+    loaders._inspect_beton(tiny_beton)
     assert capsys.readouterr().err == ""
 
 
@@ -215,7 +216,7 @@ def test_file_that_is_not_a_beton_is_a_user_error(tmp_path):
     path = tmp_path / "fake.beton"
     path.write_bytes(b"not a beton at all" * 10)
     with pytest.raises(UserError, match="not a .beton"):
-        data.build_eval_loader(str(path), batch_size=4, num_workers=1, image_size=SIZE)
+        loaders.build_eval_loader(str(path), batch_size=4, num_workers=1, image_size=SIZE)
 
 
 def test_batch_larger_than_the_dataset_is_a_user_error(tiny_beton):
@@ -240,14 +241,14 @@ def test_bad_mixture_exits_with_status_1_from_train_cli(tiny_multi_beton, tmp_pa
 
 def test_normalize_images_gives_imagenet_standardised_floats():
     images = torch.full((2, 3, 4, 4), 124, dtype=torch.uint8)  # 124/255 ~ the red mean 0.485
-    x = data.normalize_images(images, "cpu", torch.bfloat16)
+    x = loaders.normalize_images(images, "cpu", torch.bfloat16)
     assert x.dtype == torch.bfloat16 and x.shape == images.shape
     assert abs(float(x[0, 0].float().mean())) < 0.01
     varied = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
-    mean, std = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(loaders.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(loaders.IMAGENET_STD).view(1, 3, 1, 1)
     expected = (varied.float() / 255 - mean) / std
-    torch.testing.assert_close(data.normalize_images(varied, "cpu", torch.float32), expected)
+    torch.testing.assert_close(loaders.normalize_images(varied, "cpu", torch.float32), expected)
     buffer = torch.empty(2, 3, 5, 5)
-    reused = data.normalize_images(varied, "cpu", torch.float32, out=buffer)
+    reused = loaders.normalize_images(varied, "cpu", torch.float32, out=buffer)
     torch.testing.assert_close(reused, expected)
     assert reused.data_ptr() == buffer.data_ptr()

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from hjepa import data
+from hjepa import loaders
 from hjepa.beton import write_beton
-from hjepa.ops import output_conversion, resize_crop, scratch_floats
+from hjepa.augment import output_conversion, resize_crop, scratch_floats
 from hjepa.synthetic import draw_image
 
 # numba's dispatcher finalizer can print a KeyError at teardown (harmless): noise.
@@ -80,15 +80,15 @@ def test_colour_jitter_is_torchvision_brightness_then_contrast_then_saturation()
     assert mean_abs_difference(jittered, resized.permute(1, 2, 0).numpy()) > 10
 
 
-HALF_GREY_LEVEL = 0.5 / 255 / min(data.IMAGENET_STD) + 1e-5  # normalised; uint8 rounds, float32 does not
+HALF_GREY_LEVEL = 0.5 / 255 / min(loaders.IMAGENET_STD) + 1e-5  # normalised; uint8 rounds, float32 does not
 
 
 def test_normalised_output_is_normalize_images_of_the_unrounded_values():
     image = photo(60, 80)
     as_uint8 = torch.from_numpy(ours(image, 0, 0, 60, 80, 40)).permute(2, 0, 1)[None]  # (1, 3, 40, 40)
-    as_float = ours(image, 0, 0, 60, 80, 40, normalize=(data.IMAGENET_MEAN, data.IMAGENET_STD))
+    as_float = ours(image, 0, 0, 60, 80, 40, normalize=(loaders.IMAGENET_MEAN, loaders.IMAGENET_STD))
     assert as_float.dtype == np.float32
-    expected = data.normalize_images(as_uint8, "cpu", torch.float32)[0].permute(1, 2, 0).numpy()
+    expected = loaders.normalize_images(as_uint8, "cpu", torch.float32)[0].permute(1, 2, 0).numpy()
     assert np.abs(as_float - expected).max() <= HALF_GREY_LEVEL
 
 
@@ -103,28 +103,28 @@ def small_image_beton(tmp_path_factory):
 
 def test_train_loader_enlarges_small_images_by_interpolation(small_image_beton):
     # Scale (1, 1) of a square image: every drawn crop is the whole image (torchvision's rule too).
-    with data.build_train_loader(small_image_beton, batch_size=8, num_workers=1, image_size=96,
-                                 crop_scale=(1.0, 1.0), flip=False, seed=0) as loader:
+    with loaders.build_train_loader(loaders.DataConfig(train_dataset=small_image_beton, batch_size=8, num_workers=1,
+                                                 image_size=96, crop_scale=(1.0, 1.0), flip=False)) as loader:
         images = next(loader.epoch(0))[0].permute(0, 2, 3, 1).numpy()  # (8, 96, 96, 3)
     expected = torchvision_resized_crop(photo(32, 32), 0, 0, 32, 32, 96)
     assert all(mean_abs_difference(image, expected) <= MAX_MEAN_GREY_LEVELS for image in images)
 
 
 def test_eval_loader_enlarges_small_images_by_interpolation(small_image_beton):
-    with data.build_eval_loader(small_image_beton, batch_size=8, num_workers=1, image_size=96) as loader:
+    with loaders.build_eval_loader(small_image_beton, batch_size=8, num_workers=1, image_size=96) as loader:
         images = next(loader.epoch(0))[0].permute(0, 2, 3, 1).numpy()  # (8, 96, 96, 3)
-    side = int(data.EVAL_CROP_RATIO * 32)  # 28: the centre 224/256 of the shorter side
+    side = int(loaders.EVAL_CROP_RATIO * 32)  # 28: the centre 224/256 of the shorter side
     expected = torchvision_resized_crop(photo(32, 32), (32 - side) // 2, (32 - side) // 2, side, side, 96)
     assert all(mean_abs_difference(image, expected) <= MAX_MEAN_GREY_LEVELS for image in images)
 
 
 def test_float32_loader_output_is_the_uint8_output_normalised(small_image_beton):
-    common = dict(batch_size=8, num_workers=1, image_size=48, crop_scale=(0.3, 1.0), flip=True,
-                  color_jitter=0.4, seed=3)
-    with data.build_train_loader(small_image_beton, output="float32", **common) as loader:
+    config = loaders.DataConfig(train_dataset=small_image_beton, batch_size=8, num_workers=1, image_size=48,
+                             crop_scale=(0.3, 1.0), flip=True, color_jitter=0.4, seed=3)
+    with loaders.build_train_loader(config, output="float32") as loader:
         as_float = next(loader.epoch(1))[0].clone()
-    with data.build_train_loader(small_image_beton, **common) as loader:
+    with loaders.build_train_loader(config) as loader:
         as_uint8 = next(loader.epoch(1))[0].clone()
     assert as_float.dtype == torch.float32 and as_float.shape == (8, 3, 48, 48)
-    expected = data.normalize_images(as_uint8, "cpu", torch.float32)
+    expected = loaders.normalize_images(as_uint8, "cpu", torch.float32)
     assert float((as_float - expected).abs().max()) <= HALF_GREY_LEVEL

@@ -13,7 +13,7 @@ that runs the sample, of the number of workers and of earlier epochs. The epoch 
 number live in a small numpy array (`EpochCell`) that the compiled code reads through its address:
 numba freezes closure variables as constants, so a value that changes every epoch without
 recompiling must be read from memory. Batches of one epoch run one after the other on FFCV's single
-EpochIterator thread, so each op counts its own batches; `hjepa.data` resets the cells before each
+EpochIterator thread, so each op counts its own batches; `hjepa.loaders` resets the cells before each
 epoch (and to batch k when an epoch starts at batch k).
 """
 import numba

@@ -9,7 +9,7 @@ once the batch is handed back (`images_to_device`); or, with output="float32", i
 threads (for a CPU consumer, whose training thread would otherwise do it).
 
 Reproducibility: the sample order is a pure function of (seed, epoch, rank, world size) (hjepa.sampler)
-and every random augmentation is a hash of (seed, rank, epoch, batch, position) (hjepa.ops), so the
+and every random augmentation is a hash of (seed, rank, epoch, batch, position) (hjepa.augment), so the
 same epoch gives the same batches in a fresh process, and `set_epoch(epoch, start_batch=k)` resumes
 at batch k without decoding batches 0..k-1.
 """
@@ -18,6 +18,7 @@ import functools
 import os
 import queue
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 from hjepa import sampler
 from hjepa.beton import beton_num_samples, manifest_path, read_manifest
 from hjepa.errors import UserError
-from hjepa.ops import CenterCropResize, SeededRandomResizedCrop
+from hjepa.augment import CenterCropResize, SeededRandomResizedCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -229,10 +230,30 @@ def _usable_threads(num_workers):
     return max(1, min(num_workers, numba.config.NUMBA_NUM_THREADS))
 
 
-def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=(0.8, 1.0), flip=True,
-                       color_jitter=0.0, in_memory=True, order="random", seed=0, mixture=None,
-                       epoch_samples=-1, distributed=False, drop_last=True, output="uint8"):
-    """The JEPA train loader: seeded random-resized crop (ratio 3/4..4/3), flip, optional colour jitter.
+@dataclass(frozen=True)
+class DataConfig:
+    """The data section: the train loader's settings (val_dataset feeds the trainer's k-NN monitor)."""
+    train_dataset: str = ""            # .beton path
+    val_dataset: str = ""
+    image_size: int = 224              # crop side in pixels fed to the model
+    crop_scale: tuple = (0.8, 1.0)     # random-resized-crop area fraction range
+    flip: bool = True
+    color_jitter: float = 0.0          # brightness/contrast/saturation strength, 0 disables
+    batch_size: int = 256              # per process
+    num_workers: int = 8               # FFCV threads
+    in_memory: bool = True             # FFCV os_cache
+    order: str = "random"              # random | quasi_random | weighted | balanced
+    seed: int = 0                      # of the sample order and augmentations
+    mixture: str = ""                  # 'name:weight,...' for order=weighted
+    epoch_samples: int = -1            # -1 = the beton's size
+
+    def __post_init__(self):
+        object.__setattr__(self, "crop_scale", tuple(float(s) for s in self.crop_scale))
+
+
+def build_train_loader(config, *, distributed=False, drop_last=True, output="uint8"):
+    """The JEPA train loader of DataConfig `config`: seeded random-resized crop (ratio 3/4..4/3), flip,
+    optional colour jitter.
 
     output: "uint8" images, or "float32" normalised by the loader's threads (`_image_output`).
 
@@ -240,6 +261,8 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
     weights over the members). random/weighted/balanced cover exactly floor(E / (world*B)) batches
     per rank and epoch (E = epoch_samples, -1 = the beton's size); see hjepa.sampler.
     """
+    path, batch_size, num_workers, seed = config.train_dataset, config.batch_size, config.num_workers, config.seed
+    order, mixture, epoch_samples = config.order, config.mixture or None, config.epoch_samples
     fields, num_samples = _inspect_beton(path)
     if order not in TRAIN_ORDERS:
         raise UserError(f"data.order={order!r} is not one of {'|'.join(TRAIN_ORDERS)}")
@@ -278,9 +301,10 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
 
     # Augmentations of different ranks must differ: their seed mixes in the rank.
     op_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
-    # One op decodes, crops, resizes, flips, jitters and writes the output dtype (hjepa.ops).
-    image_ops = [SeededRandomResizedCrop((image_size, image_size), scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3),
-                                         seed=op_seed, flip_prob=0.5 if flip else 0.0, color_jitter=color_jitter,
+    # One op decodes, crops, resizes, flips, jitters and writes the output dtype (hjepa.augment).
+    size = (config.image_size, config.image_size)
+    image_ops = [SeededRandomResizedCrop(size, scale=config.crop_scale, ratio=(3 / 4, 4 / 3), seed=op_seed,
+                                         flip_prob=0.5 if config.flip else 0.0, color_jitter=config.color_jitter,
                                          normalize=_image_output(output))]
     seeded_ops = list(image_ops)
     # Every numba op stays before ToTensor: a pipeline that goes jitted -> torch -> jitted hangs FFCV
@@ -294,7 +318,7 @@ def build_train_loader(path, *, batch_size, num_workers, image_size, crop_scale=
     try:
         with _keep_torch_threads():
             loader = Loader(os.fspath(path), batch_size=batch_size, num_workers=_usable_threads(num_workers),
-                            os_cache=in_memory, order=ffcv_order, seed=seed, drop_last=drop_last,
+                            os_cache=config.in_memory, order=ffcv_order, seed=seed, drop_last=drop_last,
                             pipelines=_pipelines(fields, image_ops))
     finally:
         sampler.unregister_order(ffcv_order)
