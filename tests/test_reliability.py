@@ -178,7 +178,7 @@ BAD_INPUTS = [
      ["bench.data_dir not found", "nowhere"]),
     ("loader-bench-unreadable-images", lambda f, out, m: loader_bench_cli(f, out, f"--bench.data_dir={f.bad_images}",
                                                                           "--bench.batch_size=4"),
-     ["3 of 15 images are unreadable"]),
+     ["2 of 14 images are unreadable"]),
     ("loader-bench-batch-larger-than-dataset", lambda f, out, m: loader_bench_cli(
         f, out, f"--bench.data_dir={f.few_images}", "--bench.batch_size=64"),
      ["holds 6 images, fewer than bench.batch_size=64"]),
