@@ -25,7 +25,7 @@ def exit_on_user_error(main):
 
 def is_numba_finalizer_keyerror(unraisable):
     """The KeyError numba's dispatcher finalizer raises at interpreter exit: harmless
-    (../shared/notes/stack.md pitfall 8), but it can bury a real error in a log."""
+    (it fires only while the interpreter shuts down), but it can bury a real error in a log."""
     frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
     return unraisable.exc_type is KeyError and any(
         "numba" in frame.filename and frame.name == "finalizer" for frame in frames)
