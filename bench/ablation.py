@@ -22,7 +22,9 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 if __package__ in (None, ""):  # run by path: make the repository root importable
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +57,10 @@ def parse_args(argv):
     parser.add_argument("--variants", help="YAML file {name: [--section.param=value, ...]}")
     parser.add_argument("--set", default="", metavar="OVERRIDES", help="overrides for every run; write --set='--training.epochs=40 ...' (with '=': the value starts with --)")
     parser.add_argument("--probe-set", default="", metavar="OVERRIDES", help="overrides for every probe")
+    parser.add_argument("--speed-set", default="", metavar="OVERRIDES",
+                        help="overrides that change speed, not results, for every train and probe (e.g. "
+                             "'--hardware.num_threads=1 --data.num_workers=1'); not part of the recorded settings")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each a separate process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -143,7 +149,7 @@ def plot_table(table, path, title):
     names = list(table)
     x = np.arange(2)
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(4.6 + 0.6 * len(names), 3.8))
     for i, name in enumerate(names):
         means = [table[name][m][0] for m in ("top1", "knn_top1")]
         stds = [table[name][m][1] for m in ("top1", "knn_top1")]
@@ -152,8 +158,8 @@ def plot_table(table, path, title):
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(x, ["linear top-1", "k-NN top-1"])
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     low = min(table[n][m][0] - table[n][m][1] for n in names for m in ("top1", "knn_top1"))
     ax.set_ylim(max(0.0, low - 10), None)
     fig.tight_layout()
@@ -188,7 +194,7 @@ def run_step(name, seed, *, args, variants, base_model, runs_dir):
     os.makedirs(folder, exist_ok=True)
     probe_json = os.path.join(folder, "probe.json")
     data = [f"--eval.train_dataset={args.train}", f"--eval.val_dataset={args.val}", f"--eval.seed={seed}",
-            f"--eval.out={probe_json}", "--logging.progress=0", *args.probe_set.split()]
+            f"--eval.out={probe_json}", "--logging.progress=0", *args.probe_set.split(), *args.speed_set.split()]
     record = {"seed": seed, "overrides": variants.get(name, [])}
     if name == RANDOM_INIT:
         record["probe_s"] = run_logged(["eval/linear_probe.py", "--eval.random_init=1", f"--model.arch={base_model['arch']}",
@@ -201,7 +207,7 @@ def run_step(name, seed, *, args, variants, base_model, runs_dir):
                       f"--data.val_dataset={args.val}", f"--logging.folder={runs_dir}",
                       f"--logging.run_name={os.path.basename(folder)}", "--training.resume=auto",
                       f"--training.seed={seed}", f"--data.seed={seed}", "--logging.progress=0",
-                      *args.set.split(), *variants[name]]
+                      *args.set.split(), *variants[name], *args.speed_set.split()]
         record["train_s"] = run_logged(train_args, os.path.join(folder, "train.log"))
         record["probe_s"] = run_logged(["eval/linear_probe.py", f"--eval.checkpoint={os.path.join(folder, 'checkpoint.pt')}",
                                         *data], os.path.join(folder, "probe.log"))
@@ -247,13 +253,25 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    bar = tqdm(todo, desc="ablation", unit="run", disable=args.no_progress, dynamic_ncols=True)
-    for name, seed in bar:
-        bar.set_postfix_str(f"{name} seed {seed}")
-        results["runs"][result_key(name, seed)] = run_step(
-            name, seed, args=args, variants=variants, base_model=base_model, runs_dir=os.path.join(args.out, "runs"))
-        save_results(results, results_path)
-    bar.close()
+    # Runs are subprocesses, so threads suffice to keep --jobs of them going; results.json is written
+    # from this thread only, after each finished run.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool, \
+            tqdm(total=len(todo), desc="ablation", unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
+        futures = {pool.submit(run_step, name, seed, args=args, variants=variants, base_model=base_model,
+                               runs_dir=os.path.join(args.out, "runs")): (name, seed) for name, seed in todo}
+        failures = []
+        for future in as_completed(futures):
+            name, seed = futures[future]
+            try:
+                results["runs"][result_key(name, seed)] = future.result()
+            except UserError as e:  # the others go on; a rerun retries this one
+                failures.append(str(e))
+                continue
+            save_results(results, results_path)
+            bar.set_postfix_str(f"done: {name} seed {seed}")
+            bar.update()
+    if failures:
+        raise UserError(f"{len(failures)} run(s) failed, the rest are recorded in {results_path}: " + "; ".join(failures))
 
     table = summarize({k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds},
                       [RANDOM_INIT, *variants])
