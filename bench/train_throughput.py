@@ -62,8 +62,7 @@ def main(argv=None):
     amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
     masking = mask_kwargs(cfg)
     grid = model.grid_size
-    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=grid[0] * grid[1],
-                                            batch_size=cfg["data.batch_size"])
+    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=grid[0] * grid[1])
     warmup, steps = cfg["bench.warmup_steps"], cfg["bench.steps"]
     batch = cfg["data.batch_size"]
 

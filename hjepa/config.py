@@ -164,6 +164,8 @@ def _declare_sections(cfg):
         level_weights=_p(NumberList(), "loss weight per level, comma-separated", default="1.0,0.5,0.25"),
         level_depths=_p(NumberList(), "target-encoder block per level (1-based), empty = final block", default=""),
         loss=_p(Choice("smooth_l1", "mse"), "per-level regression loss", default="smooth_l1"),
+        normalize_levels=_p(Boolean(), "layer-norm each pooled level-h>=1 target (prediction scaled alike)",
+                            default=True),
     )
     section("masking", "I-JEPA multi-block masks on the patch grid").params(
         num_targets=_p(Integer(1, 16), "target blocks per image", default=4),

@@ -36,7 +36,7 @@ def train_step(model, forward, optimizer, images, masks, *, lr, weight_decay, mo
     # 1. targets (no grad, inside the model) and  2. predictions of every target block from the context
     with torch.autocast(device_type=images.device.type, dtype=amp_dtype or torch.float32,
                         enabled=amp_dtype is not None):
-        out = forward(images, masks.ctx_idx, masks.tgt_idx, masks.tgt_shape)
+        out = forward(images, masks.ctx_idx, masks.tgt_idx, masks.tgt_pos)
 
     # 3. loss, backward, step
     optimizer.zero_grad(set_to_none=True)
@@ -56,4 +56,5 @@ def masks_to_device(masks, device):
     def move(t):
         return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-    return type(masks)(ctx_idx=move(masks.ctx_idx), tgt_idx=move(masks.tgt_idx), tgt_shape=masks.tgt_shape)
+    return type(masks)(ctx_idx=move(masks.ctx_idx), tgt_idx=move(masks.tgt_idx), tgt_pos=move(masks.tgt_pos),
+                       tgt_shape=masks.tgt_shape)

@@ -3,22 +3,32 @@
 Semantics follow I-JEPA's MaskCollator (facebookresearch/ijepa, src/masks/multiblock.py; Assran et
 al. 2023, §3): one target block size (th, tw) per batch, shared by every target block of every image,
 and one context block size per batch. Each image gets `num_targets` target rectangles placed uniformly
-at random and one context rectangle; with allow_overlap=0 the context drops every target patch. Context
-index lists are truncated to the smallest one in the batch (as I-JEPA does) so they form a rectangular
-tensor for `torch.gather`.
+at random and one context rectangle; with allow_overlap=0 the context drops every target patch.
 
-Two deliberate differences from the reference:
+Shapes are fixed per masking configuration (mask_sizes), never per draw, so a torch.compile'd step
+sees the same shapes every step and compiles once:
+- Context: every image keeps `num_context` patches, a uniformly random subset (sorted) of the
+  patches its context rectangle leaves. I-JEPA instead cuts every list to the batch minimum keeping
+  the first patches in row-major order, which starves the bottom rows of the image: on a 14 x 14
+  grid at batch 64, rows 11-13 got 2.4%, 0.8%, 0.1% of the context while ~12% of targets lie there.
+  `num_context` is the CONTEXT_QUANTILE quantile of the patches one image's draw leaves (estimated
+  once per configuration from a fixed-seed simulation); an image left with fewer is redrawn whole.
+- Targets: blocks are listed row-major and padded to `num_target`, the largest area the target
+  scale/aspect rule can produce. Padding repeats the block's top-left patch (a real patch: gathers
+  and plots stay valid) and is marked by `tgt_pos` = (-1, -1); the model gives it zero weight.
+
+Two more deliberate differences from the reference:
 - I-JEPA, after 20 failed tries, lets the context overlap targets again. Here an image whose context
-  keeps fewer than `min_keep` patches is resampled whole (targets and context), so allow_overlap=0
-  always means no overlap.
+  keeps fewer than `num_context` (>= min_keep) patches is resampled whole (targets and context), so
+  allow_overlap=0 always means no overlap.
 - A block size with fewer than `min_keep` patches is redrawn (I-JEPA loops forever on target blocks
   that are too small). A ValueError is raised when the scales can never give min_keep patches.
 
-Cost (2-core AMD EPYC CPU; batch 256, 14x14 grid, 4 targets, default scales): 0.27-0.37 ms per call,
-measured with `python -m hjepa.masks` (see `_benchmark`); 0.73 ms before the rectangle painting and
-index compaction moved to numba. The 6,000 images/s ViT-S/16 target means a 42.7 ms step at batch
-256, so masks cost under 1% of it, on the host, while the accelerator runs the previous step.
+Cost (2-core AMD EPYC CPU, shared; batch 256, 14x14 grid, 4 targets, default scales): see
+`python -m hjepa.masks` (`_benchmark`): ~1 ms per call, on the host, while the accelerator runs the
+previous step (the 6,000 images/s ViT-S/16 target means a 42.7 ms step at batch 256).
 """
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -28,28 +38,58 @@ import numpy as np
 import torch
 
 _MASK_STREAM = 0x6D61736B
+_SIZE_STREAM = 0x73697A65
 _MAX_ROUNDS = 1000
+# The fixed context size is this quantile of what one draw leaves: about 1 image in 20 is redrawn, and
+# the rest drop a random few of their context patches. (The old batch-minimum cut kept fewer: ~52
+# patches at batch 64 with I-JEPA's masks on 14 x 14, against 61 here, and fell as the batch grew.)
+CONTEXT_QUANTILE = 0.05
+_SIZE_SIMULATION_IMAGES = 8192
 
 
 @dataclass
 class Masks:
-    ctx_idx: torch.Tensor   # (B, Nc) int64, row-major patch indices kept by the context encoder
-    tgt_idx: torch.Tensor   # (num_targets, B, Nt) int64, each row a th x tw rectangle listed row-major
-    tgt_shape: tuple        # (th, tw), Nt == th * tw
+    ctx_idx: torch.Tensor   # (B, Nc) int64, sorted patch indices: a random subset of each image's context
+    tgt_idx: torch.Tensor   # (T, B, Nt) int64, th x tw rectangle listed row-major, then padding
+    tgt_pos: torch.Tensor   # (Nt, 2) int64, (row, col) of each token inside its block; (-1, -1) = padding
+    tgt_shape: tuple        # (th, tw) of this batch's blocks, th * tw <= Nt (for plots and tests, not the model)
+
+
+def _block_hw(keep, ratio, grid_h, grid_w):
+    """I-JEPA's block size for `keep` patches at aspect h/w = ratio, at most grid-1 so the position
+    stays random."""
+    h = min(int(round(math.sqrt(keep * ratio))), grid_h - 1) if grid_h > 1 else 1
+    w = min(int(round(math.sqrt(keep / ratio))), grid_w - 1) if grid_w > 1 else 1
+    return h, w
 
 
 def _block_size(rng, grid_h, grid_w, scale, aspect, min_keep, what):
     """One (h, w) per batch: area fraction in `scale`, aspect ratio h/w in `aspect` (I-JEPA's rule)."""
     for _ in range(_MAX_ROUNDS):
         keep = int(grid_h * grid_w * rng.uniform(scale[0], scale[1]))
-        ratio = rng.uniform(aspect[0], aspect[1])
-        h = min(int(round(math.sqrt(keep * ratio))), grid_h - 1) if grid_h > 1 else 1
-        w = min(int(round(math.sqrt(keep / ratio))), grid_w - 1) if grid_w > 1 else 1
-        # I-JEPA shrinks blocks to at most grid-1 so that their position stays random.
+        h, w = _block_hw(keep, rng.uniform(aspect[0], aspect[1]), grid_h, grid_w)
         if h * w >= min_keep:
             return h, w
     raise ValueError(f"{what} scale {tuple(scale)} on a {grid_h}x{grid_w} grid never keeps "
                      f"min_keep={min_keep} patches")
+
+
+def _largest_block_area(grid_h, grid_w, scale, aspect, min_keep):
+    """Exact maximum of h*w over every (keep, ratio) _block_size can draw. h and w are step
+    functions of the ratio, constant between the points where a rounding flips, so evaluating at
+    those points, just beside them and at the range ends covers every value."""
+    largest = 0
+    for keep in range(int(grid_h * grid_w * scale[0]), int(grid_h * grid_w * scale[1]) + 1):
+        if keep <= 0:
+            continue
+        flips = [(k + 0.5) ** 2 / keep for k in range(grid_h + 1)] + [keep / (k + 0.5) ** 2 for k in range(grid_w + 1)]
+        ratios = [aspect[0], aspect[1]] + [r + d for r in flips for d in (-1e-9, 0.0, 1e-9)
+                                             if aspect[0] <= r + d <= aspect[1]]
+        for ratio in ratios:
+            h, w = _block_hw(keep, ratio, grid_h, grid_w)
+            if h * w >= min_keep:
+                largest = max(largest, h * w)
+    return largest
 
 
 def _rectangles(rng, n, grid_h, grid_w, h, w):
@@ -76,18 +116,74 @@ def _context_cells(ctx_top, ctx_left, ch, cw, tgt_top, tgt_left, th, tw, grid_h,
 
 
 @numba.njit(cache=True)
-def _first_cells(flat, count):
-    """(B, count) int64: the first `count` True positions of each row of (B, N) `flat`, in order."""
+def _random_subset(flat, uniforms):
+    """(B, K) int64: a uniformly random K-subset of each row's True positions of (B, N) `flat`,
+    sorted; K = uniforms.shape[1] and uniforms (B, K) in [0, 1) drive a partial Fisher-Yates shuffle.
+    numba: a per-row loop is ~10x faster than random keys + argpartition over (B, N)."""
+    count = uniforms.shape[1]
     out = np.empty((flat.shape[0], count), dtype=np.int64)
+    kept = np.empty(flat.shape[1], dtype=np.int64)
+    chosen = np.empty(flat.shape[1], dtype=np.bool_)
     for b in range(flat.shape[0]):
-        j = 0
+        n = 0
         for k in range(flat.shape[1]):
-            if j == count:
-                break
             if flat[b, k]:
+                kept[n] = k
+                n += 1
+        for j in range(count):
+            pick = j + min(int(uniforms[b, j] * (n - j)), n - j - 1)
+            kept[j], kept[pick] = kept[pick], kept[j]
+        chosen[:] = False
+        chosen[kept[:count]] = True
+        j = 0
+        for k in range(flat.shape[1]):  # row-major order without a sort
+            if chosen[k]:
                 out[b, j] = k
                 j += 1
     return out
+
+
+def _draw_blocks(rng, n, grid_h, grid_w, num_targets, th, tw, ch, cw, allow_overlap):
+    """Target corners (T, n) x 2 and the context each leaves (n, H, W) for n images."""
+    top, left = _rectangles(rng, num_targets * n, grid_h, grid_w, th, tw)
+    top, left = top.reshape(num_targets, n), left.reshape(num_targets, n)
+    ctx_top, ctx_left = _rectangles(rng, n, grid_h, grid_w, ch, cw)
+    keep = _context_cells(ctx_top, ctx_left, ch, cw, top, left, th, tw, grid_h, grid_w, bool(allow_overlap))
+    return top, left, keep
+
+
+def _as_pair(value):
+    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value), float(value))
+
+
+def mask_sizes(*, grid_size, num_targets, target_scale, target_aspect, context_scale, context_aspect,
+               allow_overlap, min_keep):
+    """(num_context, num_target): the fixed token counts of every batch sample_masks draws with this
+    configuration. num_target is the largest target block area; num_context is the CONTEXT_QUANTILE
+    quantile, at least min_keep, of the context one image's draw leaves (a fixed-seed simulation)."""
+    return _mask_sizes(tuple(int(g) for g in grid_size), int(num_targets), _as_pair(target_scale),
+                       _as_pair(target_aspect), _as_pair(context_scale), _as_pair(context_aspect),
+                       bool(allow_overlap), int(min_keep))
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_sizes(grid_size, num_targets, target_scale, target_aspect, context_scale, context_aspect,
+                allow_overlap, min_keep):
+    grid_h, grid_w = grid_size
+    num_target = _largest_block_area(grid_h, grid_w, target_scale, target_aspect, min_keep)
+    if num_target == 0:
+        raise ValueError(f"target scale {target_scale} on a {grid_h}x{grid_w} grid never keeps "
+                         f"min_keep={min_keep} patches")
+    rng = np.random.default_rng([_SIZE_STREAM, grid_h, grid_w])
+    per_batch = 32  # images per simulated batch: block sizes vary per batch, as in training
+    available = []
+    for _ in range(_SIZE_SIMULATION_IMAGES // per_batch):
+        th, tw = _block_size(rng, grid_h, grid_w, target_scale, target_aspect, min_keep, "target")
+        ch, cw = _block_size(rng, grid_h, grid_w, context_scale, context_aspect, min_keep, "context")
+        keep = _draw_blocks(rng, per_batch, grid_h, grid_w, num_targets, th, tw, ch, cw, allow_overlap)[2]
+        available.append(keep.sum(axis=(1, 2)))
+    quantile = int(np.quantile(np.concatenate(available), CONTEXT_QUANTILE, method="lower"))
+    return max(quantile, min_keep), num_target
 
 
 def sample_masks(*, batch_size, grid_size, num_targets, target_scale, target_aspect, context_scale,
@@ -95,11 +191,14 @@ def sample_masks(*, batch_size, grid_size, num_targets, target_scale, target_asp
     """Multi-block context/target indices for one batch; identical for identical (seed, step, rank).
 
     grid_size: (H, W) patches; *_scale: (min, max) area fractions; target_aspect: (min, max) of h/w;
-    context_aspect: a number or (min, max). Returns Masks (see the dataclass).
+    context_aspect: a number or (min, max). Returns Masks (see the dataclass) whose shapes depend only
+    on the configuration and batch_size (mask_sizes).
     """
     grid_h, grid_w = grid_size
-    if not isinstance(context_aspect, (tuple, list)):
-        context_aspect = (context_aspect, context_aspect)
+    context_aspect = _as_pair(context_aspect)
+    num_context, num_target = mask_sizes(
+        grid_size=grid_size, num_targets=num_targets, target_scale=target_scale, target_aspect=target_aspect,
+        context_scale=context_scale, context_aspect=context_aspect, allow_overlap=allow_overlap, min_keep=min_keep)
     rng = np.random.default_rng([seed, _MASK_STREAM, step, rank])
     th, tw = _block_size(rng, grid_h, grid_w, target_scale, target_aspect, min_keep, "target")
     ch, cw = _block_size(rng, grid_h, grid_w, context_scale, context_aspect, min_keep, "context")
@@ -109,13 +208,9 @@ def sample_masks(*, batch_size, grid_size, num_targets, target_scale, target_asp
     context = np.empty((batch_size, grid_h, grid_w), dtype=bool)
     todo = np.arange(batch_size)  # images still needing a valid (targets, context) draw
     for _ in range(_MAX_ROUNDS):
-        n = len(todo)
-        top, left = _rectangles(rng, num_targets * n, grid_h, grid_w, th, tw)
-        top, left = top.reshape(num_targets, n), left.reshape(num_targets, n)
-        ctx_top, ctx_left = _rectangles(rng, n, grid_h, grid_w, ch, cw)
-        keep = _context_cells(ctx_top, ctx_left, ch, cw, top, left, th, tw, grid_h, grid_w,
-                              bool(allow_overlap))  # (n, H, W)
-        ok = keep.sum(axis=(1, 2)) >= min_keep  # (n,)
+        top, left, keep = _draw_blocks(rng, len(todo), grid_h, grid_w, num_targets, th, tw, ch, cw,
+                                       allow_overlap)  # (T, n) x 2, (n, H, W)
+        ok = keep.sum(axis=(1, 2)) >= num_context  # (n,)
         done = todo[ok]
         tgt_top[:, done], tgt_left[:, done] = top[:, ok], left[:, ok]
         context[done] = keep[ok]
@@ -123,17 +218,19 @@ def sample_masks(*, batch_size, grid_size, num_targets, target_scale, target_asp
         if len(todo) == 0:
             break
     else:
-        raise ValueError(f"context keeps fewer than min_keep={min_keep} patches after {_MAX_ROUNDS} "
-                         f"redraws; lower masking.min_keep or the target scale")
+        raise ValueError(f"context keeps fewer than {num_context} patches after {_MAX_ROUNDS} redraws; "
+                         f"lower masking.min_keep or the target scale")
 
-    flat_context = context.reshape(batch_size, -1)  # (B, H*W)
-    num_context = int(flat_context.sum(axis=1).min())
-    # Kept patches in row-major order, truncated to the batch minimum.
-    ctx_idx = _first_cells(flat_context, num_context)  # (B, Nc)
+    # A uniformly random subset of num_context kept patches per image (not the first ones in row-major order).
+    ctx_idx = _random_subset(context.reshape(batch_size, -1), rng.random((batch_size, num_context)))  # (B, Nc)
 
-    block = (np.arange(th)[:, None] * grid_w + np.arange(tw)[None, :]).reshape(-1)  # (Nt,)
-    tgt_idx = (tgt_top * grid_w + tgt_left)[..., None] + block  # (T, B, Nt)
-    return Masks(ctx_idx=torch.from_numpy(ctx_idx), tgt_idx=torch.from_numpy(tgt_idx), tgt_shape=(th, tw))
+    rows = np.full(num_target, -1, dtype=np.int64)
+    cols = np.full(num_target, -1, dtype=np.int64)
+    rows[:th * tw], cols[:th * tw] = np.divmod(np.arange(th * tw), tw)
+    offsets = np.where(rows >= 0, rows * grid_w + cols, 0)  # (Nt,): padding repeats the top-left patch
+    tgt_idx = (tgt_top * grid_w + tgt_left)[..., None] + offsets  # (T, B, Nt)
+    return Masks(ctx_idx=torch.from_numpy(ctx_idx), tgt_idx=torch.from_numpy(tgt_idx),
+                 tgt_pos=torch.from_numpy(np.stack([rows, cols], axis=1)), tgt_shape=(th, tw))
 
 
 def _benchmark(batch_size=256, grid=(14, 14), calls=200):

@@ -1,10 +1,24 @@
 """H-JEPA: I-JEPA's context encoder / EMA target encoder / predictor, with a hierarchy of coarser targets.
 
 Level 0 is I-JEPA's objective: regress the layer-normed final target-encoder features at the
-target patches. Level h >= 1 average-pools prediction and target over 2^h x 2^h windows of each
-target block on the 2-D patch grid, so it asks for the gist of a region. Optionally, level h takes
-its target from an intermediate target-encoder block (`level_depths`) and then reads its
-prediction through its own linear head on the predictor's hidden states.
+target patches. Level h >= 1 averages prediction and target over 2^h x 2^h windows of each target
+block on the 2-D patch grid (windows anchored at the block's top-left corner), so it asks for the
+gist of a region. Optionally, level h takes its target from an intermediate target-encoder block
+(`level_depths`) and then reads its prediction through its own linear head on the predictor's
+hidden states.
+
+Two choices make the levels' losses mean what their weights say (measured by
+bench/hierarchy_levels.py):
+- Cells are weighted by their patch count. Blocks are rarely a multiple of the window (never at
+  level 2 with I-JEPA's 14 x 14 masks), so edge cells are partial; with a plain mean over cells a
+  1-patch corner cell of a 5 x 5 block would carry a quarter of the level-2 loss and its patch 16x the
+  gradient of an interior patch. Weighted by count, every real patch weighs the same at every level,
+  and the target distribution stays I-JEPA's (tiling blocks into whole windows would not).
+- Each pooled cell is layer-normed (`normalize_levels`): averaging layer-normed tokens shrinks them
+  (less the more they differ), which would put smooth-L1 deep in its quadratic regime and the levels'
+  effective weights far under the nominal ones. The prediction is shifted and scaled by the same
+  (target) mean and std, so the optimum is unchanged: a prediction equal to the target at every
+  patch still scores zero at every level, and a shared prediction serves all levels without conflict.
 """
 import copy
 
@@ -16,7 +30,8 @@ from hjepa.errors import UserError
 from hjepa.predictor import Predictor
 from hjepa.vit import INIT_STD, build_encoder, gather_tokens, trunc_normal_
 
-LOSSES = {"smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}  # both: mean over positions and dims
+LOSSES = {"smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}  # both called with reduction="none"
+LEVEL_NORM_EPS = 1e-5  # F.layer_norm's default, as on the level-0 targets
 
 
 def gather_target_blocks(features, tgt_idx):
@@ -27,27 +42,57 @@ def gather_target_blocks(features, tgt_idx):
     return blocks.transpose(0, 1).reshape(num_targets * batch_size, num_target_tokens, -1)
 
 
-def pool_target_blocks(z, tgt_shape, level):
-    """Average (T*B, th*tw, D) row-major target blocks over 2^level x 2^level windows of the 2-D grid
-    -> (T*B, ceil(th/2^level) * ceil(tw/2^level), D).
+def level_cells(tgt_pos, level, grid_size):
+    """(C, Nt) float 0/1: which target tokens fall into each 2^level x 2^level cell of their block.
 
-    Pooling is on the (th, tw) grid, not over token order: tokens k and k+1 are not neighbours at a row
-    end. avg_pool2d with ceil_mode and no padding divides a window hanging over the block edge by the
-    number of real positions in it, so edge cells are means of real patches only (tested).
+    tgt_pos (Nt, 2) holds each token's (row, col) inside its block, (-1, -1) for padding (in no
+    cell). Cells are numbered on a grid as large as the patch grid, so C depends only on (level,
+    grid_size), never on the batch's block size: cells the block does not reach stay empty. Row sums
+    are the cells' patch counts; at level 0 each real token is its own cell.
     """
-    if level == 0:
-        return z
-    th, tw = tgt_shape
     window = 2 ** level
-    grid = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], th, tw)  # (T*B, D, th, tw)
-    pooled = F.avg_pool2d(grid, kernel_size=window, stride=window, ceil_mode=True)  # (T*B, D, th', tw')
-    return pooled.flatten(2).transpose(1, 2)  # (T*B, th'*tw', D)
+    cells_per_row = -(-grid_size[1] // window)
+    num_cells = -(-grid_size[0] // window) * cells_per_row
+    rows, cols = tgt_pos.unbind(-1)  # (Nt,) each
+    cell = torch.where(rows >= 0, (rows // window) * cells_per_row + cols // window, -1)  # (Nt,)
+    return (cell == torch.arange(num_cells, device=cell.device).unsqueeze(1)).float()  # (C, Nt)
 
 
-def std_across_batch(z, batch_size):
-    """Collapse monitor: std over images of (T*B, Nt, D) features, averaged over targets, tokens, dims."""
+def pool_target_blocks(z, cells):
+    """Mean of (T*B, Nt, D) block tokens over each cell of cells (C, Nt) -> (T*B, C, D); empty cells 0.
+
+    A matmul with the membership matrix, not avg_pool2d on a (th, tw) grid: the shapes stay those of
+    the padded blocks whatever this batch's block size, and padding tokens are never averaged in.
+    In float32 even under bf16 autocast (which would round the fp32 targets to 8 mantissa bits); the
+    matmul is tiny next to the predictor's.
+    """
+    counts = cells.sum(dim=1).clamp(min=1)  # (C,)
+    with torch.autocast(z.device.type, enabled=False):
+        return torch.einsum("cn,bnd->bcd", cells, z.float()) / counts.unsqueeze(-1)
+
+
+def level_loss(prediction, target, cell_weights, loss_fn, normalize):
+    """Patch-count-weighted mean over cells of the per-cell loss (mean over D).
+
+    prediction, target (T*B, C, D); cell_weights (C,) patches per cell (0 for empty cells and
+    padding). With normalize, both are shifted and divided by the target cell's mean and std over D
+    (the target becomes its layer_norm). With one weight per real token this is F.<loss>(prediction,
+    target) over the real tokens, I-JEPA's loss.
+    """
+    if normalize:
+        mean = target.mean(dim=-1, keepdim=True)  # (T*B, C, 1)
+        std = (target.var(dim=-1, correction=0, keepdim=True) + LEVEL_NORM_EPS).sqrt()
+        prediction, target = (prediction - mean) / std, (target - mean) / std
+    per_cell = loss_fn(prediction, target, reduction="none").mean(dim=-1)  # (T*B, C)
+    return (per_cell * cell_weights).sum() / (cell_weights.sum() * per_cell.shape[0])
+
+
+def std_across_batch(z, batch_size, token_weights):
+    """Collapse monitor: std over images of (T*B, Nt, D) features, averaged over targets, dims and the
+    tokens with weight 1 in token_weights (Nt,) (padding has weight 0)."""
     z = z.detach().float()
-    return z.reshape(-1, batch_size, *z.shape[1:]).std(dim=1, correction=0).mean()
+    std = z.reshape(-1, batch_size, *z.shape[1:]).std(dim=1, correction=0).mean(dim=-1)  # (T, Nt)
+    return (std * token_weights).sum() / (token_weights.sum() * std.shape[0])
 
 
 class LevelHeads(nn.Module):
@@ -66,7 +111,8 @@ class LevelHeads(nn.Module):
 
 
 class HJEPA(nn.Module):
-    def __init__(self, context_encoder, predictor, *, level_weights, level_depths, loss, level_heads=None):
+    def __init__(self, context_encoder, predictor, *, level_weights, level_depths, loss, level_heads=None,
+                 normalize_levels=True):
         super().__init__()
         self.context_encoder = context_encoder
         self.target_encoder = copy.deepcopy(context_encoder)
@@ -80,6 +126,7 @@ class HJEPA(nn.Module):
         self.register_buffer("level_weight_tensor", torch.tensor(self.level_weights), persistent=False)
         self.level_depths = list(level_depths)  # 1-based target-encoder block per level
         self.loss_name = loss
+        self.normalize_levels = normalize_levels
         self.model_config = {}  # filled by build_model
 
     @property
@@ -108,13 +155,18 @@ class HJEPA(nn.Module):
             outputs[encoder.depth] = encoder.norm(blocks[-1])  # always present: the collapse monitor reads it
         return {d: gather_target_blocks(F.layer_norm(h, h.shape[-1:]), tgt_idx) for d, h in outputs.items()}
 
-    def forward(self, images, ctx_idx, tgt_idx, tgt_shape):
-        """images (B, 3, H, W) normalised; ctx_idx (B, Nc); tgt_idx (T, B, Nt); tgt_shape (th, tw)
-        with th*tw == Nt. Returns dict(loss=scalar, level_losses=(L,) detached, target_std, pred_std)."""
+    def forward(self, images, ctx_idx, tgt_idx, tgt_pos):
+        """images (B, 3, H, W) normalised; ctx_idx (B, Nc); tgt_idx (T, B, Nt); tgt_pos (Nt, 2) the
+        (row, col) of each target token in its block, (-1, -1) for padding (hjepa.masks.Masks).
+        Returns dict(loss=scalar, level_losses=(L,) detached, target_std, pred_std).
+
+        No Python number is read from a tensor here: the shapes are the masks' fixed sizes, so a
+        torch.compile'd forward is traced once per masking configuration.
+        """
         num_targets, batch_size, num_target_tokens = tgt_idx.shape
-        th, tw = (int(s) for s in tgt_shape)
-        if th * tw != num_target_tokens:
-            raise ValueError(f"tgt_shape {(th, tw)} does not match {num_target_tokens} target tokens")
+        if tgt_pos.shape != (num_target_tokens, 2):
+            raise ValueError(f"tgt_pos has shape {tuple(tgt_pos.shape)}, expected ({num_target_tokens}, 2)")
+        tgt_valid = tgt_pos[:, 0] >= 0  # (Nt,) False for padding
 
         # 1. targets (no grad): layer-normed target-encoder features at every target block
         z_tgt = self.target_features(images, tgt_idx)  # {depth: (T*B, Nt, D)}
@@ -122,26 +174,31 @@ class HJEPA(nn.Module):
         # 2. predict: encode the context tokens only, then every target block in one predictor call
         z_ctx = self.context_encoder(images, ctx_idx)  # (B, Nc, D)
         if self.level_heads is None:
-            z_pred = self.predictor(z_ctx, ctx_idx, tgt_idx)  # (T*B, Nt, D)
+            z_pred = self.predictor(z_ctx, ctx_idx, tgt_idx, tgt_valid)  # (T*B, Nt, D)
             head_preds = {}
         else:
-            z_pred, hidden = self.predictor(z_ctx, ctx_idx, tgt_idx, return_hidden=True)
+            z_pred, hidden = self.predictor(z_ctx, ctx_idx, tgt_idx, tgt_valid, return_hidden=True)
             head_preds = dict(zip(self.level_heads.levels, self.level_heads(hidden)))
 
-        # 3. loss per level on the 2-D-pooled blocks, weighted sum
+        # 3. loss per level on the 2-D-pooled blocks, cells weighted by patch count; weighted sum
         loss_fn = LOSSES[self.loss_name]
+        token_weights = tgt_valid.float()  # (Nt,)
         level_losses = []
         for level, depth in enumerate(self.level_depths):
-            prediction = head_preds.get(level, z_pred)
-            level_losses.append(loss_fn(pool_target_blocks(prediction, (th, tw), level),
-                                        pool_target_blocks(z_tgt[depth], (th, tw), level)))
+            prediction, target = head_preds.get(level, z_pred), z_tgt[depth]
+            if level == 0:  # every real token its own cell: I-JEPA's loss exactly
+                level_losses.append(level_loss(prediction, target, token_weights, loss_fn, normalize=False))
+                continue
+            cells = level_cells(tgt_pos, level, self.grid_size)  # (C, Nt)
+            level_losses.append(level_loss(pool_target_blocks(prediction, cells), pool_target_blocks(target, cells),
+                                           cells.sum(dim=1), loss_fn, normalize=self.normalize_levels))
         level_losses = torch.stack(level_losses)  # (L,)
         loss = (level_losses * self.level_weight_tensor).sum()
 
         final_depth = self.target_encoder.depth
         return dict(loss=loss, level_losses=level_losses.detach(),
-                    target_std=std_across_batch(z_tgt[final_depth], batch_size),
-                    pred_std=std_across_batch(z_pred, batch_size))
+                    target_std=std_across_batch(z_tgt[final_depth], batch_size, token_weights),
+                    pred_std=std_across_batch(z_pred, batch_size, token_weights))
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -186,7 +243,7 @@ def _level_depths(level_depths, num_levels, encoder_depth):
 
 def build_model(*, arch, patch_size, image_size, predictor_embed_dim=384, predictor_depth=6,
                 predictor_num_heads=6, num_levels=3, level_weights=(1.0, 0.5, 0.25), level_depths=(),
-                loss="smooth_l1", drop_path=0.0):
+                loss="smooth_l1", drop_path=0.0, normalize_levels=True):
     """Build H-JEPA from plain keyword arguments; `model.model_config` records them for checkpoints."""
     if num_levels < 1:
         raise UserError(f"model.num_levels must be at least 1, got {num_levels}")
@@ -203,10 +260,10 @@ def build_model(*, arch, patch_size, image_size, predictor_embed_dim=384, predic
     head_levels = [level for level, d in enumerate(depths) if d != context_encoder.depth]
     level_heads = LevelHeads(head_levels, predictor_embed_dim, context_encoder.embed_dim) if head_levels else None
     model = HJEPA(context_encoder, predictor, level_weights=level_weights, level_depths=depths, loss=loss,
-                  level_heads=level_heads)
+                  level_heads=level_heads, normalize_levels=bool(normalize_levels))
     model.model_config = dict(arch=arch, patch_size=int(patch_size), image_size=int(image_size),
                               predictor_embed_dim=int(predictor_embed_dim), predictor_depth=int(predictor_depth),
                               predictor_num_heads=int(predictor_num_heads), num_levels=int(num_levels),
                               level_weights=level_weights, level_depths=[int(d) for d in level_depths],
-                              loss=loss, drop_path=float(drop_path))
+                              loss=loss, drop_path=float(drop_path), normalize_levels=bool(normalize_levels))
     return model

@@ -31,10 +31,13 @@ class Predictor(nn.Module):
         init_transformer_weights(self, self.predictor_blocks)
         trunc_normal_(self.mask_token, INIT_STD)
 
-    def forward(self, z_ctx, ctx_idx, tgt_idx, return_hidden=False):
+    def forward(self, z_ctx, ctx_idx, tgt_idx, tgt_valid=None, return_hidden=False):
         """Predict every target block from the context in one batched pass.
 
-        z_ctx (B, Nc, D) context-encoder tokens at positions ctx_idx (B, Nc); tgt_idx (T, B, Nt).
+        z_ctx (B, Nc, D) context-encoder tokens at positions ctx_idx (B, Nc); tgt_idx (T, B, Nt);
+        tgt_valid: None (every target token is real) or (Nt,) bool, False for padding tokens. Padding
+        queries are hidden from every other token by the attention mask, so real tokens' predictions
+        equal those of an unpadded block; padding predictions are computed and meant to be ignored.
         Returns predictions (T*B, Nt, D), target-major (row t*B + b is target t of image b, the
         order of I-JEPA's apply_masks), and with return_hidden also the normed predictor-width
         states (T*B, Nt, d) that the per-level heads read.
@@ -51,8 +54,12 @@ class Predictor(nn.Module):
         # Each target block sees the whole context and only its own queries, as in I-JEPA.
         x = torch.cat([x.repeat(num_targets, 1, 1), queries], dim=1)  # (T*B, Nc+Nt, d)
 
+        attn_mask = None
+        if tgt_valid is not None:  # keys: every context token, the real queries only
+            keys = torch.cat([tgt_valid.new_ones(num_ctx_tokens), tgt_valid])  # (Nc+Nt,)
+            attn_mask = keys.view(1, 1, 1, -1)  # broadcast over blocks, heads and queries
         for block in self.predictor_blocks:
-            x = block(x)
+            x = block(x, attn_mask)
         hidden = self.predictor_norm(x[:, num_ctx_tokens:])  # (T*B, Nt, d)
         z_pred = self.predictor_proj(hidden)  # (T*B, Nt, D)
         return (z_pred, hidden) if return_hidden else z_pred

@@ -45,7 +45,7 @@ def model_kwargs(cfg):
                 predictor_embed_dim=cfg[m + "predictor_embed_dim"], predictor_depth=cfg[m + "predictor_depth"],
                 predictor_num_heads=cfg[m + "predictor_num_heads"], num_levels=cfg[m + "num_levels"],
                 level_weights=cfg[m + "level_weights"], level_depths=cfg[m + "level_depths"],
-                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"])
+                loss=cfg[m + "loss"], drop_path=cfg[m + "drop_path"], normalize_levels=cfg[m + "normalize_levels"])
 
 
 def mask_kwargs(cfg):
@@ -204,8 +204,7 @@ def run(cfg, info, device):
     amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
     masking = mask_kwargs(cfg)
     tokens = grid[0] * grid[1]
-    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=tokens,
-                                            batch_size=batch)  # real token counts: context cut to the batch min
+    flops_per_image = train_flops_per_image(model.model_config, masking=masking, num_patches=tokens)
 
     last_saved = {"step": start_step if path else None}
 

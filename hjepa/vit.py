@@ -79,11 +79,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None):
+        """x (B, N, D); attn_mask: None or bool broadcastable to (B, heads, N, N), True = may attend."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj(x)
 
@@ -108,8 +109,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x):
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+    def forward(self, x, attn_mask=None):
+        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_path, self.training)
         x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
         return x
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hjepa.errors import UserError
-from hjepa.model import build_model, gather_target_blocks, pool_target_blocks
+from hjepa.model import build_model, gather_target_blocks, level_cells, level_loss, pool_target_blocks
 from hjepa.vit import ARCHS, Attention, VisionTransformer, build_encoder
 
 SMALL_MODEL = dict(arch="vit_tiny", patch_size=8, image_size=32, predictor_embed_dim=64, predictor_depth=2,
@@ -23,21 +23,30 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def make_batch(batch_size=2, num_ctx=8, num_targets=3, tgt_shape=(2, 2), grid=4, seed=0):
-    """Images, a context and row-major th x tw target blocks on a grid x grid patch grid."""
+def block_positions(th, tw, num_target_tokens=None):
+    """(Nt, 2) (row, col) of a th x tw block's tokens, row-major, then (-1, -1) padding up to Nt."""
+    num_target_tokens = num_target_tokens or th * tw
+    pos = torch.full((num_target_tokens, 2), -1, dtype=torch.long)
+    pos[:th * tw, 0] = torch.arange(th).repeat_interleave(tw)
+    pos[:th * tw, 1] = torch.arange(tw).repeat(th)
+    return pos
+
+
+def make_batch(batch_size=2, num_ctx=8, num_targets=3, tgt_shape=(2, 2), grid=4, seed=0, num_target_tokens=None):
+    """Images, a context and row-major th x tw target blocks on a grid x grid patch grid, padded (with
+    the block's top-left patch, as hjepa.masks does) to num_target_tokens. Returns the forward's args."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, grid * 8, grid * 8, generator=g)
     ctx_idx = torch.stack([torch.randperm(grid * grid, generator=g)[:num_ctx] for _ in range(batch_size)])
-    th, tw = tgt_shape
-    tgt_idx = torch.empty(num_targets, batch_size, th * tw, dtype=torch.long)
+    tgt_pos = block_positions(*tgt_shape, num_target_tokens)
+    rows, cols = tgt_pos.clamp(min=0).unbind(-1)
+    tgt_idx = torch.empty(num_targets, batch_size, tgt_pos.shape[0], dtype=torch.long)
     for t in range(num_targets):
         for b in range(batch_size):
-            top = int(torch.randint(0, grid - th + 1, (1,), generator=g))
-            left = int(torch.randint(0, grid - tw + 1, (1,), generator=g))
-            rows = torch.arange(top, top + th).repeat_interleave(tw)
-            cols = torch.arange(left, left + tw).repeat(th)
-            tgt_idx[t, b] = rows * grid + cols
-    return images, ctx_idx, tgt_idx, tgt_shape
+            top = int(torch.randint(0, grid - tgt_shape[0] + 1, (1,), generator=g))
+            left = int(torch.randint(0, grid - tgt_shape[1] + 1, (1,), generator=g))
+            tgt_idx[t, b] = (top + rows) * grid + left + cols
+    return images, ctx_idx, tgt_idx, tgt_pos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,23 +179,80 @@ def test_target_blocks_are_gathered_target_major():
 # The hierarchy: 2-D pooling of target blocks
 
 
+def pooled(values, tgt_shape, level, num_target_tokens=None, grid=(8, 8)):
+    """Cell means of one row-major block whose token features are `values` (padding after them)."""
+    pos = block_positions(*tgt_shape, num_target_tokens)
+    z = torch.zeros(1, pos.shape[0], 1)
+    z[0, :len(values), 0] = torch.tensor(values, dtype=torch.float)
+    cells = level_cells(pos, level, grid)
+    return pool_target_blocks(z, cells)[0, :, 0], cells.sum(dim=1)
+
+
 def test_level_pooling_averages_2x2_windows_on_the_patch_grid_with_partial_edges():
-    # One 3 x 5 target block (row-major tokens 0..14), each token's feature = its index.
-    z = torch.arange(15).float().reshape(1, 15, 1)
-    pooled = pool_target_blocks(z, (3, 5), level=1)[0, :, 0]  # 2 x 3 cells
-    expected = [(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2,  # right column: real patches only
-                (10 + 11) / 2, (12 + 13) / 2, 14.0]  # bottom row: real patches only
-    assert pooled.tolist() == pytest.approx(expected)
+    # One 3 x 5 target block (row-major tokens 0..14), each token's feature = its index, on an 8 x 8 grid:
+    # level 1 has 4 x 4 cells, the block fills 2 x 3 of them.
+    means, counts = pooled(list(range(15)), (3, 5), level=1)
+    expected = [(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2, 0,  # right column: real patches only
+                (10 + 11) / 2, (12 + 13) / 2, 14.0, 0] + [0] * 8  # bottom row: real patches only
+    assert means.tolist() == pytest.approx(expected)
+    assert counts.tolist() == [4, 4, 2, 0, 2, 2, 1, 0] + [0] * 8
     # Pooling over token order would mix row ends with the next row's start (4 with 5, 6, 7).
-    token_order = z[0, :, 0].split(4)
-    assert [t.mean().item() for t in token_order][:3] != pytest.approx(expected[:3])
+    assert [t.mean().item() for t in torch.arange(15.0).split(4)][:3] != pytest.approx(expected[:3])
 
 
 def test_level_pooling_window_larger_than_the_block_averages_real_patches():
-    z = torch.arange(15).float().reshape(1, 15, 1)  # 3 x 5 block, 4 x 4 windows
-    pooled = pool_target_blocks(z, (3, 5), level=2)[0, :, 0]
+    means, counts = pooled(list(range(15)), (3, 5), level=2)  # 4 x 4 windows, 2 x 2 cells
     left = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [10, 11, 12, 13]]).float().mean().item()
-    assert pooled.tolist() == pytest.approx([left, (4 + 9 + 14) / 3])
+    assert means.tolist() == pytest.approx([left, (4 + 9 + 14) / 3, 0, 0])
+    assert counts.tolist() == [12, 3, 0, 0]
+
+
+def test_padding_tokens_fall_in_no_cell_at_any_level():
+    values = list(range(6))  # a 2 x 3 block padded to 10 tokens; padding features would be 100
+    pos = block_positions(2, 3, 10)
+    z = torch.cat([torch.arange(6.0), torch.full((4,), 100.0)]).reshape(1, 10, 1)
+    for level in range(3):
+        cells = level_cells(pos, level, (8, 8))
+        assert cells[:, 6:].sum() == 0 and cells.sum() == 6
+        unpadded = pooled(values, (2, 3), level)[0]
+        assert pool_target_blocks(z, cells)[0, :, 0].tolist() == pytest.approx(unpadded.tolist())
+
+
+def test_level_loss_weights_cells_by_patch_count():
+    # Cells with 4, 2 and 1 patches and per-cell MSE 1, 2, 3 (one dim): (4*1 + 2*2 + 1*3) / 7 = 11 / 7,
+    # where a plain mean over cells would give 2 and let the 1-patch cell carry a third of the loss.
+    prediction = torch.tensor([1.0, 2.0 ** 0.5, 3.0 ** 0.5]).reshape(1, 3, 1)
+    target = torch.zeros(1, 3, 1)
+    weights = torch.tensor([4.0, 2.0, 1.0])
+    loss = level_loss(prediction, target, weights, F.mse_loss, normalize=False)
+    assert loss.item() == pytest.approx(11 / 7)
+
+
+def test_patch_count_weighting_gives_every_real_patch_the_same_gradient():
+    # A 5 x 5 block at level 2 (cells of 16, 4, 4, 1 patches): with MSE and the same error at every
+    # patch, each patch's prediction gets the same gradient, also in the 1-patch corner cell.
+    pos = block_positions(5, 5)
+    cells = level_cells(pos, 2, (8, 8))
+    prediction = torch.ones(1, 25, 1, requires_grad=True)
+    loss = level_loss(pool_target_blocks(prediction, cells), torch.zeros(1, cells.shape[0], 1), cells.sum(dim=1),
+                      F.mse_loss, normalize=False)
+    loss.backward()
+    assert sorted(cells.sum(dim=1).tolist(), reverse=True)[:4] == [16, 4, 4, 1]
+    torch.testing.assert_close(prediction.grad, torch.full_like(prediction, 2 / 25))
+
+
+def test_level_normalisation_layer_norms_the_pooled_target_and_scales_the_prediction_alike():
+    torch.manual_seed(0)
+    target = 0.3 * torch.randn(2, 3, 16) + 0.1  # shrunken cells, as averaging layer-normed tokens gives
+    prediction = target + 0.05 * torch.randn(2, 3, 16)
+    weights = torch.ones(3)
+    normed = level_loss(prediction, target, weights, F.mse_loss, normalize=True)
+    std = (target.var(dim=-1, correction=0, keepdim=True) + 1e-5).sqrt()
+    expected = F.mse_loss((prediction - target) / std, torch.zeros_like(target))
+    torch.testing.assert_close(normed, expected)
+    torch.testing.assert_close(normed, F.mse_loss((prediction - target.mean(-1, keepdim=True)) / std,
+                                                  F.layer_norm(target, (16,))), rtol=1e-5, atol=1e-7)
+    assert level_loss(target, target, weights, F.mse_loss, normalize=True).item() == 0.0  # optimum unchanged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,11 +282,27 @@ def test_one_level_loss_equals_ijepa_reference(loss, loss_fn):
     with torch.no_grad():
         for p in model.context_encoder.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    images, ctx_idx, tgt_idx, tgt_shape = make_batch(num_targets=4, tgt_shape=(2, 3))
-    out = model(images, ctx_idx, tgt_idx, tgt_shape)
-    reference = ijepa_reference_loss(model, images, ctx_idx, tgt_idx, loss_fn)
+    # Blocks padded from 6 to 9 tokens, as the masks pad them: the reference sees the 6 real ones only.
+    images, ctx_idx, tgt_idx, tgt_pos = make_batch(num_targets=4, tgt_shape=(2, 3), num_target_tokens=9)
+    out = model(images, ctx_idx, tgt_idx, tgt_pos)
+    reference = ijepa_reference_loss(model, images, ctx_idx, tgt_idx[..., :6], loss_fn)
     torch.testing.assert_close(out["loss"], reference, rtol=1e-6, atol=0)
     assert out["level_losses"].shape == (1,)
+
+
+def test_padding_changes_no_level_loss_and_gets_no_gradient():
+    torch.manual_seed(0)
+    model = build_model(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25])
+    images, ctx_idx, tgt_idx, tgt_pos = make_batch(tgt_shape=(3, 2), num_target_tokens=8)
+    unpadded = model(images, ctx_idx, tgt_idx[..., :6], tgt_pos[:6])
+    queries = []
+    model.predictor.predictor_norm.register_forward_hook(lambda module, inputs, output: queries.append(inputs[0]))
+    padded = model(images, ctx_idx, tgt_idx, tgt_pos)
+    queries[-1].retain_grad()
+    padded["loss"].backward()
+    torch.testing.assert_close(padded["level_losses"], unpadded["level_losses"], rtol=1e-5, atol=1e-7)
+    assert queries[-1].grad[:, 6:].abs().max() == 0  # padding predictions reach no loss
+    assert queries[-1].grad[:, :6].abs().max() > 0
 
 
 def test_loss_is_the_weighted_sum_of_level_losses():
@@ -235,11 +317,11 @@ def test_level_depths_take_targets_from_intermediate_blocks_through_heads():
     torch.manual_seed(0)
     model = build_model(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], level_depths=[4, 12])
     assert model.level_heads.levels == [0]
-    images, ctx_idx, tgt_idx, tgt_shape = make_batch(tgt_shape=(2, 2))
+    images, ctx_idx, tgt_idx, tgt_pos = make_batch(tgt_shape=(2, 2))
     targets = model.target_features(images, tgt_idx)
     block4 = model.target_encoder.forward_blocks(images)[3]
     torch.testing.assert_close(targets[4], gather_target_blocks(F.layer_norm(block4, (192,)), tgt_idx))
-    out = model(images, ctx_idx, tgt_idx, tgt_shape)
+    out = model(images, ctx_idx, tgt_idx, tgt_pos)
     out["loss"].backward()
     assert model.level_heads.heads[0].weight.grad.abs().sum() > 0
 
@@ -258,11 +340,11 @@ def test_inconsistent_level_settings_are_user_errors(kwargs, message):
 
 def test_identical_images_give_zero_target_std_across_the_batch():
     model = build_model(**SMALL_MODEL, num_levels=1, level_weights=[1.0])
-    images, ctx_idx, tgt_idx, tgt_shape = make_batch(batch_size=2)
+    images, ctx_idx, tgt_idx, tgt_pos = make_batch(batch_size=2)
     images[1] = images[0]
     ctx_idx[1] = ctx_idx[0]
     tgt_idx[:, 1] = tgt_idx[:, 0]
-    out = model(images, ctx_idx, tgt_idx, tgt_shape)
+    out = model(images, ctx_idx, tgt_idx, tgt_pos)
     assert out["target_std"].item() == pytest.approx(0.0, abs=1e-5)
     assert out["pred_std"].item() == pytest.approx(0.0, abs=1e-5)
     out = model(*make_batch(batch_size=2))
