@@ -4,9 +4,10 @@
 
 Left: the 64-px image on its 8x8 patch grid, context patches bright, the target blocks of one real
 mask draw (hjepa.masks.sample_masks with rn_configs/cpu_demo.yaml's masking) outlined. Then one panel
-per level h: every target block cut into 2^h x 2^h windows (ceil: a window at the block edge holds
-only the patches that exist), each window filled with the mean of its pixels. The model pools
-target-encoder *features*, not pixels, over exactly these windows; the pixel means only show how
+per level h: every target block cut into 2^h x 2^h windows anchored at its top-left corner (a window
+at the block edge holds only the patches that exist, and weighs by their count), each window filled
+with the mean of its pixels. The model pools target-encoder *features*, not pixels, over exactly these
+windows (hjepa.model.level_cells) and layer-norms each pooled target; the pixel means only show how
 much detail each level's target keeps.
 """
 import argparse
