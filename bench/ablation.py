@@ -168,7 +168,12 @@ def plot_table(table, path, title):
 
 
 def save_results(results, path):
-    tmp = f"{path}.tmp"
+    """Atomic rewrite; runs that another ablation process on the same folder recorded meanwhile are
+    kept (processes may share a folder if they run different seeds or variants)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            results["runs"] = {**json.load(f).get("runs", {}), **results["runs"]}
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({k: v for k, v in results.items() if k != "path"}, f, indent=2)
     os.replace(tmp, path)

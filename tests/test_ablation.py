@@ -1,5 +1,6 @@
 """bench/ablation.py's bookkeeping: what a rerun skips, what it refuses to mix, how seeds are summarised."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -59,3 +60,12 @@ def test_malformed_variants_are_user_errors(spec):
 def test_variants_from_the_command_line_replace_the_default_set():
     assert ablation.parse_variants([], None) == ablation.DEFAULT_VARIANTS
     assert ablation.parse_variants(["deep=--model.predictor_depth=4"], None) == {"deep": ["--model.predictor_depth=4"]}
+
+
+def test_saving_keeps_runs_another_process_recorded_in_the_same_folder(tmp_path):
+    path = str(tmp_path / "results.json")
+    ablation.save_results({"runs": {ablation.result_key("1 level", 1): record("1 level", 1, 71.0, 61.0)}}, path)
+    ours = {"runs": {ablation.result_key("1 level", 0): record("1 level", 0, 70.0, 60.0)}}
+    ablation.save_results(ours, path)
+    with open(path) as f:
+        assert sorted(json.load(f)["runs"]) == ["1 level|0", "1 level|1"]
