@@ -217,7 +217,7 @@ def run_step(name, seed, *, args, variants, base_model, runs_dir):
         record["probe_s"] = run_logged(["eval/linear_probe.py", f"--eval.checkpoint={os.path.join(folder, 'checkpoint.pt')}",
                                         *data], os.path.join(folder, "probe.log"))
         with open(os.path.join(folder, "metrics.jsonl")) as f:
-            last = [json.loads(line) for line in f if line.strip()][-1]
+            last = [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r][-1]  # a step line, not an epoch's
         record["steps"], record["final_loss"] = last["step"], last["loss"]
     with open(probe_json) as f:
         probe_result = json.load(f)
