@@ -166,6 +166,9 @@ def _declare_sections(cfg):
         max_bad_fraction=_p(Number(0.0, 1.0), "fail when more unreadable images than this", default=0.001),
         download=_p(Boolean(), "fetch CIFAR/STL archives with torchvision's helper", default=False),
         members=_p(Text(), "multi.py: name=path.beton,name=path.beton,...", default=""),
+        per_class=_p(Integer(0), "fashion_mnist.py: first K images of each class, 0 = all", default=0),
+        image_size=_p(Integer(0, 1024), "fashion_mnist.py: enlarge to this side (bicubic), 0 = native 28",
+                      default=0),
     )
 
 

@@ -282,3 +282,56 @@ def stl10_samples(data_dir, split):
                 raise UserError(f"{y_path} must hold {len(images)} labels in 1..10")
         samples += list(zip(images, labels.tolist()))
     return samples, STL10_CLASSES
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST (official gzipped idx files, as the Debian package dataset-fashion-mnist installs them)
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+IDX_UBYTE_MAGIC = {1: 0x00000801, 3: 0x00000803}  # idx format: 0x0000, type 0x08 (ubyte), number of dims
+
+
+def read_idx_ubyte(path, ndim):
+    """The uint8 array of an idx file (gzipped or not) with `ndim` dimensions (LeCun's MNIST format:
+    big-endian magic 0x0000 08 <ndim>, then ndim big-endian uint32 sizes, then the bytes)."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path} cannot be read as {'gzip' if path.endswith('.gz') else 'a file'} ({e})")
+    header_bytes = 4 + 4 * ndim
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic != IDX_UBYTE_MAGIC[ndim]:
+        found = "a too short file" if magic is None else f"magic 0x{magic:08x}"
+        raise UserError(f"{path}: expected an idx ubyte file with {ndim} dimensions (magic "
+                        f"0x{IDX_UBYTE_MAGIC[ndim]:08x}), found {found}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header_bytes + int(np.prod(shape)):
+        raise UserError(f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes of data), "
+                        f"the file holds {len(raw) - header_bytes}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
+
+
+def fashion_mnist_arrays(data_dir, split):
+    """(images (N, 28, 28) uint8, labels (N,) int64) of Fashion-MNIST train | test."""
+    if split not in FASHION_MNIST_FILES:
+        raise UserError(f"fashion_mnist split must be train or test, got '{split}'")
+    _require_dir(data_dir, " and ".join(FASHION_MNIST_FILES[split]))
+    paths = [os.path.join(data_dir, name) for name in FASHION_MNIST_FILES[split]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"missing Fashion-MNIST files: {', '.join(missing)} (Debian: apt-get install "
+                        "dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist)")
+    images, labels = read_idx_ubyte(paths[0], 3), read_idx_ubyte(paths[1], 1).astype(np.int64)
+    if len(images) != len(labels) or images.shape[1:] != (28, 28):
+        raise UserError(f"{paths[0]} holds images of shape {images.shape}, {paths[1]} {len(labels)} labels: "
+                        "expected (N, 28, 28) and N")
+    if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise UserError(f"{paths[1]}: labels must be in 0..9, found {labels.max()}")
+    return images, labels

@@ -1,0 +1,294 @@
+"""Ablation: train variants x seeds on given betons, probe each and a random-init encoder, table + JSON + PNG.
+
+    python bench/ablation.py --config rn_configs/cpu_demo.yaml \\
+        --train betons/fmnist_train.beton --val betons/fmnist_val.beton --seeds 0,1,2 \\
+        --variant "1 level=--model.num_levels=1 --model.level_weights=1.0" \\
+        --variant "2 levels=--model.num_levels=2 --model.level_weights=1.0,0.5" --out ablation_fmnist
+
+A variant is `name=--section.param=value ...` on top of --config (and of --set, which applies to all);
+--variants FILE reads them from YAML (`name: [--section.param=value, ...]`). Without either, the
+variants are 1, 2 and 3 levels. Every (variant, seed) is a real `hjepa/train.py` run in
+<out>/runs/<variant>-s<seed> with training.seed = data.seed = seed, then `eval/linear_probe.py` on its
+target encoder (eval.seed = seed); every seed also probes a random-init encoder of the base
+architecture. <out>/results.json is rewritten after each finished step, which makes the whole
+command resumable: a rerun skips what is recorded, and a run cut off mid-training continues from its
+last checkpoint (training.resume=auto). Child output goes to train.log / probe.log in the run folder.
+Prints mean ± std (sample std over seeds) of linear and k-NN top-1, writes <out>/results.json and
+<out>/ablation.png (bars with std error bars). Runs on whatever device train.py picks (CPU here).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+if __package__ in (None, ""):  # run by path: make the repository root importable
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np
+import yaml
+
+from hjepa.config import load_config
+from hjepa.errors import UserError, exit_on_user_error
+from hjepa.runlog import cpu_model, git_commit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANDOM_INIT = "random init"
+DEFAULT_VARIANTS = {
+    "1 level": ["--model.num_levels=1", "--model.level_weights=1.0"],
+    "2 levels": ["--model.num_levels=2", "--model.level_weights=1.0,0.5"],
+    "3 levels": ["--model.num_levels=3", "--model.level_weights=1.0,0.5,0.25"],
+}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python bench/ablation.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="base training config (YAML)")
+    parser.add_argument("--train", required=True, help="training beton (pretraining and probe)")
+    parser.add_argument("--val", required=True, help="validation beton (probe)")
+    parser.add_argument("--out", required=True, help="ablation folder: runs, results.json, ablation.png")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="a variant: name=--section.param=value ... (repeatable)")
+    parser.add_argument("--variants", help="YAML file {name: [--section.param=value, ...]}")
+    parser.add_argument("--set", default="", metavar="OVERRIDES", help="overrides for every run; write --set='--training.epochs=40 ...' (with '=': the value starts with --)")
+    parser.add_argument("--probe-set", default="", metavar="OVERRIDES", help="overrides for every probe")
+    parser.add_argument("--speed-set", default="", metavar="OVERRIDES",
+                        help="overrides that change speed, not results, for every train and probe (e.g. "
+                             "'--hardware.num_threads=1 --data.num_workers=1'); not part of the recorded settings")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each a separate process)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def parse_variants(specs, path):
+    """{name: [override, ...]} from `name=overrides` strings and/or a YAML file; the default set if none."""
+    variants = {}
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"variants file not found: {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict) or not all(isinstance(v, list) for v in tree.values()):
+            raise UserError(f"{path} must map each variant name to a list of --section.param=value overrides")
+        variants.update({str(k): [str(x) for x in v] for k, v in tree.items()})
+    for spec in specs:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--variant '{spec}' must read name=--section.param=value ...")
+        variants[name.strip()] = overrides.split()
+    for name, overrides in variants.items():
+        if name == RANDOM_INIT:
+            raise UserError(f"'{RANDOM_INIT}' is the baseline's name: choose another variant name")
+        bad = [o for o in overrides if not re.fullmatch(r"--[\w]+\.[\w]+=\S*", o)]
+        if bad:
+            raise UserError(f"variant '{name}': overrides must read --section.param=value, got {' '.join(bad)}")
+    return variants or dict(DEFAULT_VARIANTS)
+
+
+def run_folder_name(variant, seed):
+    return re.sub(r"[^\w.-]+", "_", variant).strip("_") + f"-s{seed}"
+
+
+def plan_runs(variants, seeds):
+    """Every step in order, as (variant name or RANDOM_INIT, seed): per seed, the baseline first."""
+    return [(name, seed) for seed in seeds for name in [RANDOM_INIT, *variants]]
+
+
+def result_key(name, seed):
+    return f"{name}|{seed}"
+
+
+def check_recorded(results, variants, settings):
+    """Refuse to mix: recorded runs must come from the same base settings and the same overrides."""
+    if results.get("settings") not in (None, settings):
+        raise UserError(f"{results['path']} was made with other settings ({results['settings']}): use another --out")
+    for key, record in results.get("runs", {}).items():
+        name = key.rsplit("|", 1)[0]
+        if name in variants and record["overrides"] != variants[name]:
+            raise UserError(f"variant '{name}' is recorded with overrides {record['overrides']}, now "
+                            f"{variants[name]}: rename it or use another --out")
+
+
+def pending(plan, results):
+    return [(name, seed) for name, seed in plan if result_key(name, seed) not in results.get("runs", {})]
+
+
+def summarize(runs, names):
+    """{name: {metric: (mean, std, n)}} over seeds; std is the sample std (0 for one seed)."""
+    table = {}
+    for name in names:
+        records = [r for k, r in runs.items() if k.rsplit("|", 1)[0] == name]
+        if records:
+            table[name] = {}
+            for metric in ("top1", "knn_top1"):
+                values = np.array([r[metric] for r in records], dtype=float)
+                std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                table[name][metric] = (float(values.mean()), std, len(values))
+    return table
+
+
+def format_table(table):
+    lines = [f"{'variant':<24}{'seeds':>6}{'linear top-1':>18}{'k-NN top-1':>18}"]
+    for name, row in table.items():
+        cells = "".join(f"{m:>11.1f} ± {s:<4.1f}" for m, s, _ in (row["top1"], row["knn_top1"]))
+        lines.append(f"{name:<24}{row['top1'][2]:>6}{cells}")
+    return "\n".join(lines)
+
+
+def plot_table(table, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    x = np.arange(2)
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(4.6 + 0.6 * len(names), 3.8))
+    for i, name in enumerate(names):
+        means = [table[name][m][0] for m in ("top1", "knn_top1")]
+        stds = [table[name][m][1] for m in ("top1", "knn_top1")]
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+                      label=f"{name} (n={table[name]['top1'][2]})", color="0.7" if name == RANDOM_INIT else None)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(x, ["linear top-1", "k-NN top-1"])
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    low = min(table[n][m][0] - table[n][m][1] for n in names for m in ("top1", "knn_top1"))
+    ax.set_ylim(max(0.0, low - 10), None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_results(results, path):
+    """Atomic rewrite; runs that another ablation process on the same folder recorded meanwhile are
+    kept (processes may share a folder if they run different seeds or variants)."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            results["runs"] = {**json.load(f).get("runs", {}), **results["runs"]}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({k: v for k, v in results.items() if k != "path"}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_logged(args, log_path):
+    """Run `python *args` from the repo root with its output in log_path; UserError naming the log on failure."""
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"\n$ python {' '.join(args)}\n")
+        log.flush()
+        status = subprocess.run([sys.executable, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    if status != 0:
+        raise UserError(f"{args[0]} failed (exit status {status}); see {log_path}")
+    return time.perf_counter() - start
+
+
+def run_step(name, seed, *, args, variants, base_model, runs_dir):
+    """Train (unless the baseline) and probe one (variant, seed); return its record."""
+    folder = os.path.join(runs_dir, RANDOM_INIT.replace(" ", "_") + f"-s{seed}" if name == RANDOM_INIT
+                          else run_folder_name(name, seed))
+    os.makedirs(folder, exist_ok=True)
+    probe_json = os.path.join(folder, "probe.json")
+    data = [f"--eval.train_dataset={args.train}", f"--eval.val_dataset={args.val}", f"--eval.seed={seed}",
+            f"--eval.out={probe_json}", "--logging.progress=0", *args.probe_set.split(), *args.speed_set.split()]
+    record = {"seed": seed, "overrides": variants.get(name, [])}
+    if name == RANDOM_INIT:
+        record["probe_s"] = run_logged(["eval/linear_probe.py", "--eval.random_init=1", f"--model.arch={base_model['arch']}",
+                                        f"--model.patch_size={base_model['patch_size']}",
+                                        f"--data.image_size={base_model['image_size']}",
+                                        f"--eval.cache_dir={os.path.join(folder, 'features')}", *data],
+                                       os.path.join(folder, "probe.log"))
+    else:
+        train_args = ["hjepa/train.py", "--config-file", args.config, f"--data.train_dataset={args.train}",
+                      f"--data.val_dataset={args.val}", f"--logging.folder={runs_dir}",
+                      f"--logging.run_name={os.path.basename(folder)}", "--training.resume=auto",
+                      f"--training.seed={seed}", f"--data.seed={seed}", "--logging.progress=0",
+                      *args.set.split(), *variants[name], *args.speed_set.split()]
+        record["train_s"] = run_logged(train_args, os.path.join(folder, "train.log"))
+        record["probe_s"] = run_logged(["eval/linear_probe.py", f"--eval.checkpoint={os.path.join(folder, 'checkpoint.pt')}",
+                                        *data], os.path.join(folder, "probe.log"))
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            last = [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r][-1]  # a step line, not an epoch's
+        record["steps"], record["final_loss"] = last["step"], last["loss"]
+    with open(probe_json) as f:
+        probe_result = json.load(f)
+    record.update(top1=probe_result["top1"], knn_top1=probe_result["knn_top1"])
+    return record
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    variants = parse_variants(args.variant, args.variants)
+    for path in (args.config, args.train, args.val):
+        if not os.path.isfile(path):
+            raise UserError(f"file not found: {path}")
+    base = load_config([args.config], argv=args.set.split())  # checks the base settings before any run
+    base_model = {"arch": base["model.arch"], "patch_size": base["model.patch_size"],
+                  "image_size": base["data.image_size"]}
+    for name, overrides in variants.items():
+        load_config([args.config], argv=[*args.set.split(), *overrides])  # a typo fails now, not in run 7
+    settings = {"config": args.config, "train": os.path.abspath(args.train), "val": os.path.abspath(args.val),
+                "set": args.set, "probe_set": args.probe_set}
+
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.json")
+    results = {"runs": {}}
+    if os.path.isfile(results_path):
+        with open(results_path) as f:
+            results = json.load(f)
+    results["path"] = results_path
+    check_recorded(results, variants, settings)
+    results.update(settings=settings, seeds=seeds, variants=variants, machine=cpu_model(),
+                   cpus=os.cpu_count(), commit=git_commit(REPO))
+    todo = pending(plan_runs(variants, seeds), results)
+    done = len(plan_runs(variants, seeds)) - len(todo)
+    print(f"{len(variants)} variants x {len(seeds)} seeds + random init: {done} recorded, {len(todo)} to run "
+          f"(logs under {os.path.join(args.out, 'runs')})", flush=True)
+
+    from tqdm import tqdm
+
+    # Runs are subprocesses, so threads suffice to keep --jobs of them going; results.json is written
+    # from this thread only, after each finished run.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool, \
+            tqdm(total=len(todo), desc="ablation", unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
+        futures = {pool.submit(run_step, name, seed, args=args, variants=variants, base_model=base_model,
+                               runs_dir=os.path.join(args.out, "runs")): (name, seed) for name, seed in todo}
+        failures = []
+        for future in as_completed(futures):
+            name, seed = futures[future]
+            try:
+                results["runs"][result_key(name, seed)] = future.result()
+            except UserError as e:  # the others go on; a rerun retries this one
+                failures.append(str(e))
+                continue
+            save_results(results, results_path)
+            bar.set_postfix_str(f"done: {name} seed {seed}")
+            bar.update()
+    if failures:
+        raise UserError(f"{len(failures)} run(s) failed, the rest are recorded in {results_path}: " + "; ".join(failures))
+
+    table = summarize({k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds},
+                      [RANDOM_INIT, *variants])
+    results["summary"] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
+                          for name, row in table.items()}
+    save_results(results, results_path)
+    print("\n" + format_table(table))
+    png = os.path.join(args.out, "ablation.png")
+    plot_table(table, png, f"{os.path.basename(args.train)} | {args.config} {args.set} | seeds {args.seeds}")
+    print(f"\nwrote {results_path} and {png}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

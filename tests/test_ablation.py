@@ -1,0 +1,71 @@
+"""bench/ablation.py's bookkeeping: what a rerun skips, what it refuses to mix, how seeds are summarised."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from conftest import REPO_ROOT
+from hjepa.errors import UserError
+
+_spec = importlib.util.spec_from_file_location("ablation", os.path.join(REPO_ROOT, "bench", "ablation.py"))
+ablation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablation)
+
+VARIANTS = {"1 level": ["--model.num_levels=1", "--model.level_weights=1.0"],
+            "2 levels": ["--model.num_levels=2", "--model.level_weights=1.0,0.5"]}
+
+
+def record(variant, seed, top1, knn):
+    return {"seed": seed, "overrides": VARIANTS.get(variant, []), "top1": top1, "knn_top1": knn}
+
+
+def test_a_rerun_skips_every_recorded_run():
+    plan = ablation.plan_runs(VARIANTS, [0, 1])
+    assert plan[:3] == [(ablation.RANDOM_INIT, 0), ("1 level", 0), ("2 levels", 0)]
+    results = {"runs": {ablation.result_key("1 level", 0): record("1 level", 0, 70.0, 60.0),
+                        ablation.result_key(ablation.RANDOM_INIT, 1): record(ablation.RANDOM_INIT, 1, 60.0, 50.0)}}
+    assert ablation.pending(plan, results) == [(ablation.RANDOM_INIT, 0), ("2 levels", 0), ("1 level", 1), ("2 levels", 1)]
+
+
+def test_recorded_runs_with_other_overrides_are_refused():
+    results = {"path": "results.json", "runs": {ablation.result_key("1 level", 0): record("1 level", 0, 70.0, 60.0)}}
+    changed = {**VARIANTS, "1 level": ["--model.num_levels=1", "--model.level_weights=2.0"]}
+    ablation.check_recorded(results, VARIANTS, {"config": "a.yaml"})  # same overrides: fine
+    with pytest.raises(UserError, match="1 level"):
+        ablation.check_recorded(results, changed, {"config": "a.yaml"})
+
+
+def test_recorded_runs_with_other_base_settings_are_refused():
+    results = {"path": "results.json", "settings": {"config": "a.yaml"}, "runs": {}}
+    with pytest.raises(UserError, match="other settings"):
+        ablation.check_recorded(results, VARIANTS, {"config": "b.yaml"})
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    runs = {ablation.result_key("1 level", s): record("1 level", s, top1, 50.0) for s, top1 in enumerate([70.0, 72.0, 74.0])}
+    runs[ablation.result_key("2 levels", 0)] = record("2 levels", 0, 80.0, 60.0)
+    table = ablation.summarize(runs, ["1 level", "2 levels", "3 levels"])
+    assert table["1 level"]["top1"] == pytest.approx((72.0, 2.0, 3))
+    assert table["2 levels"]["knn_top1"] == (60.0, 0.0, 1)
+    assert "3 levels" not in table
+
+
+@pytest.mark.parametrize("spec", ["no equals sign", "x=--model.num_levels", "x=num_levels=1"])
+def test_malformed_variants_are_user_errors(spec):
+    with pytest.raises(UserError):
+        ablation.parse_variants([spec], None)
+
+
+def test_variants_from_the_command_line_replace_the_default_set():
+    assert ablation.parse_variants([], None) == ablation.DEFAULT_VARIANTS
+    assert ablation.parse_variants(["deep=--model.predictor_depth=4"], None) == {"deep": ["--model.predictor_depth=4"]}
+
+
+def test_saving_keeps_runs_another_process_recorded_in_the_same_folder(tmp_path):
+    path = str(tmp_path / "results.json")
+    ablation.save_results({"runs": {ablation.result_key("1 level", 1): record("1 level", 1, 71.0, 61.0)}}, path)
+    ours = {"runs": {ablation.result_key("1 level", 0): record("1 level", 0, 70.0, 60.0)}}
+    ablation.save_results(ours, path)
+    with open(path) as f:
+        assert sorted(json.load(f)["runs"]) == ["1 level|0", "1 level|1"]

@@ -1,0 +1,48 @@
+"""Write Fashion-MNIST (official gzipped idx files) to a .beton: the project's small real-image set.
+
+  python write_datasets/fashion_mnist.py --cfg.data_dir=/usr/share/datasets/fashion-mnist \\
+      --cfg.split=train --cfg.per_class=300 --cfg.image_size=64 --cfg.write_path=betons/fmnist_train.beton
+
+cfg.data_dir holds {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (Debian: apt-get install
+dataset-fashion-mnist). Splits: train (60,000 images), test (10,000). Labels 0..9 (T-shirt/top ...
+Ankle boot). --cfg.per_class=K keeps the first K images of each class in file order (0 = all);
+--cfg.image_size=S enlarges the 28x28 grey images to SxS with bicubic interpolation (0 = native 28),
+stored as RGB with the grey value in all three channels.
+Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this config).
+"""
+import numpy as np
+from PIL import Image
+from writer_cli import write_split, writer_config
+
+from hjepa.errors import exit_on_user_error
+from hjepa.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+
+
+def first_per_class(labels, per_class):
+    """Indices of the first `per_class` samples of every class in file order, class-sorted
+    (0 = every sample)."""
+    order = np.argsort(labels, kind="stable")  # (N,) class-sorted, file order within a class
+    if per_class == 0:
+        return order
+    rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])  # position within its class
+    return order[rank < per_class]
+
+
+def to_rgb(image, size):
+    """(28, 28) grey uint8 -> (size, size, 3) uint8, bicubic when size != 28."""
+    if size and size != image.shape[0]:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return np.repeat(image[:, :, None], 3, axis=2)
+
+
+@exit_on_user_error
+def main(argv=None):
+    cfg = writer_config(__doc__, argv)
+    images, labels = fashion_mnist_arrays(cfg["cfg.data_dir"], cfg["cfg.split"])
+    keep = first_per_class(labels, cfg["cfg.per_class"])
+    samples = [(to_rgb(images[i], cfg["cfg.image_size"]), int(labels[i])) for i in keep]
+    return write_split(cfg, samples, dataset="fashion_mnist", class_names=FASHION_MNIST_CLASSES)
+
+
+if __name__ == "__main__":
+    main()
