@@ -26,9 +26,6 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-if __package__ in (None, ""):  # run by path: make the repository root importable
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import numpy as np
 import yaml
 

@@ -15,13 +15,10 @@ import math
 import os
 import sys
 
-if __package__ in (None, ""):  # run by path: make the repository root importable
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import numpy as np
 from PIL import Image
 
-from hjepa.config import load_config
+from hjepa.config import load_config, mask_config
 from hjepa.errors import exit_on_user_error
 from hjepa.masks import sample_masks
 from hjepa.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
@@ -95,12 +92,7 @@ def main(argv=None):
     images, labels = fashion_mnist_arrays(args.data_dir, "test")
     size, grid = cfg["data.image_size"], cfg["data.image_size"] // cfg["model.patch_size"]
     grey = np.asarray(Image.fromarray(images[args.index]).resize((size, size), Image.BICUBIC)) / 255.0
-    masks = sample_masks(batch_size=1, grid_size=(grid, grid), num_targets=cfg["masking.num_targets"],
-                         target_scale=(cfg["masking.target_scale_min"], cfg["masking.target_scale_max"]),
-                         target_aspect=(cfg["masking.target_aspect_min"], cfg["masking.target_aspect_max"]),
-                         context_scale=(cfg["masking.context_scale_min"], cfg["masking.context_scale_max"]),
-                         context_aspect=cfg["masking.context_aspect"], allow_overlap=cfg["masking.allow_overlap"],
-                         min_keep=cfg["masking.min_keep"], seed=args.seed, step=0)
+    masks = sample_masks(mask_config(cfg), batch_size=1, grid_size=(grid, grid), seed=args.seed, step=0)
     th, tw = masks.tgt_shape
     title = (f"Fashion-MNIST test #{args.index} ({FASHION_MNIST_CLASSES[labels[args.index]]}), {size} px, "
              f"{grid}x{grid} patches; target blocks {th}x{tw}; level h pools {'/'.join(str(4 ** h) for h in range(args.levels))} patches")

@@ -12,10 +12,10 @@ Beside the beton: <name>.json (manifest) and <name>.beton.params.json (this conf
 """
 import numpy as np
 from PIL import Image
-from writer_cli import write_split, writer_config
 
 from hjepa.errors import exit_on_user_error
 from hjepa.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+from hjepa.writers import write_split, writer_config
 
 
 def first_per_class(labels, per_class):
