@@ -47,7 +47,7 @@ import torch
 from hjepa.beton import read_manifest, write_beton
 from hjepa.budgeted_run import BudgetedRun
 from hjepa.compile_stats import compilation_records, compile_log, compiled_graphs
-from hjepa.config import data_config, load_config, mask_config, model_config, optim_config
+from hjepa.config import load_config
 from hjepa.copy_race import check_device_copies, direct_copy
 from hjepa.loaders import build_train_loader, images_to_device, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
@@ -57,6 +57,7 @@ from hjepa.masks import sample_masks
 from hjepa.model import build_model
 from hjepa.runlog import cpu_model, git_commit
 from hjepa.schedules import schedule_values
+from hjepa.sections import data_config, mask_config, model_config, optim_config
 from hjepa.sources import image_folder_samples
 from hjepa.synthetic import write_photo_like_folder
 
@@ -229,8 +230,9 @@ class Trainer:
         self.masking, self.grid = mask_config(cfg), self.model.grid_size
 
     def new_optimizer(self):
-        return build_optimizer(self.model, lr=self.cfg["optim.lr"], weight_decay=self.cfg["optim.weight_decay"],
-                               betas=(self.cfg["optim.beta1"], self.cfg["optim.beta2"]))
+        optim = optim_config(self.cfg)  # as hjepa/train.py builds it (each step's schedule sets lr and wd)
+        return build_optimizer(self.model, lr=optim.peak_lr(self.batch), weight_decay=optim.weight_decay,
+                               betas=(optim.beta1, optim.beta2))
 
     def masks(self, step):
         return sample_masks(self.masking, batch_size=self.batch, grid_size=self.grid, seed=0, step=step)
@@ -339,7 +341,7 @@ def section_short_run(run):
     trainer.optimizer = trainer.new_optimizer()
     reset_memory_stats(run)
     steps, optim = run.size["short_steps"], optim_config(cfg)
-    warmup_steps = round(steps * cfg["optim.warmup_epochs"] / cfg["training.epochs"])  # the config's share
+    warmup_steps = round(steps * optim.warmup_epochs / cfg["training.epochs"])  # the config's share
     losses, target_std = torch.empty(steps, device=run.device), torch.empty(steps, device=run.device)
     graphs0, done = compiled_graphs(), 0
     source = batches_forever(train_loader(run, cfg))

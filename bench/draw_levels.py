@@ -18,9 +18,10 @@ import sys
 import numpy as np
 from PIL import Image
 
-from hjepa.config import load_config, mask_config
+from hjepa.config import load_config
 from hjepa.errors import exit_on_user_error
 from hjepa.masks import sample_masks
+from hjepa.sections import mask_config
 from hjepa.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,8 +14,7 @@ import time
 import torch
 
 from hjepa import schedules
-from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_config, model_config,
-                          data_config)
+from hjepa.config import config_as_dict, config_from_cli, format_config
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import exit_on_user_error
 from hjepa.runlog import cpu_model
@@ -24,6 +23,7 @@ from hjepa.masks import sample_masks
 from hjepa.model import build_model
 from hjepa.parallel import resolve_device
 from hjepa.loaders import build_train_loader, normalize_images
+from hjepa.sections import data_config, mask_config, model_config
 
 READS = ("data", "model", "masking", "hardware", "bench")
 

@@ -8,7 +8,6 @@ layer: a file may name the files it builds on (`inherit: base.yaml`) and hold on
 `--config-file` may be repeated; later layers win. Library code never reads the config: entry points
 and `build_*` functions do, and each entry point names the keys it reads (its `--help` lists those).
 """
-import dataclasses
 import difflib
 import json
 import os
@@ -19,10 +18,6 @@ from fastargs import Config, Param, Section, set_current_config
 
 from hjepa.checkers import Boolean, Choice, Integer, Number, NumberList, NumberPair, Text
 from hjepa.errors import UserError
-from hjepa.loaders import DataConfig
-from hjepa.masks import MaskConfig
-from hjepa.model import ModelConfig
-from hjepa.schedules import OptimConfig
 
 def _p(checker, desc, default=None, required=False):
     return Param(checker, desc, default=default, required=required)
@@ -393,37 +388,3 @@ def save_config(cfg, path, sections=None):
     with open(tmp, "w") as f:
         json.dump(config_as_dict(cfg, sections), f, indent=2, sort_keys=True)
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sections to the keyword arguments of the library's builders (one place, shared by every entry point)
-
-
-def section_dataclass(cfg, section, cls, **values):
-    """An instance of dataclass `cls` whose fields take the values of the same-named params of `section`
-    (fields given in `values`, e.g. ones another section holds, take those). The one place where
-    settings become typed arguments: a new hyperparameter is a param declared above and a field."""
-    for field in dataclasses.fields(cls):
-        if field.name not in values:
-            values[field.name] = cfg[f"{section}.{field.name}"]
-    return cls(**values)
-
-
-def model_config(cfg):
-    """hjepa.model.ModelConfig from the model section (and data.image_size)."""
-    return section_dataclass(cfg, "model", ModelConfig, image_size=cfg["data.image_size"])
-
-
-def mask_config(cfg):
-    """hjepa.masks.MaskConfig from the masking section."""
-    return section_dataclass(cfg, "masking", MaskConfig)
-
-
-def optim_config(cfg):
-    """hjepa.schedules.OptimConfig from the optim section."""
-    return section_dataclass(cfg, "optim", OptimConfig)
-
-
-def data_config(cfg):
-    """hjepa.loaders.DataConfig from the data section."""
-    return section_dataclass(cfg, "data", DataConfig)

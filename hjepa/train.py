@@ -18,8 +18,7 @@ import torch
 from tqdm import tqdm
 
 from hjepa import checkpoint as ckpt_io
-from hjepa.config import (config_as_dict, config_from_cli, format_config, mask_config, model_config,
-                          optim_config, save_config, data_config)
+from hjepa.config import config_as_dict, config_from_cli, format_config, save_config
 from hjepa.loaders import build_eval_loader, build_train_loader, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
 from hjepa.errors import UserError, exit_on_user_error
@@ -32,6 +31,7 @@ from hjepa.parallel import (all_gather_tensor, all_reduce_sum, broadcast_object,
                             init_distributed, parameter_checksum)
 from hjepa.runlog import MetricsLog, ThroughputMeter, git_commit, make_run_dir, new_run_name
 from hjepa.schedules import schedule_values
+from hjepa.sections import data_config, mask_config, model_config, optim_config
 from hjepa.sampler import expected_counts_table
 
 

@@ -10,11 +10,11 @@ import yaml
 
 import dataclasses
 
-from hjepa.config import (config_as_dict, config_from_cli, help_text, load_config, mask_config, model_config,
-                          optim_config, parse_argv, save_config)
+from hjepa.config import config_as_dict, config_from_cli, help_text, load_config, parse_argv, save_config
 from hjepa.masks import MaskConfig
 from hjepa.model import ModelConfig
 from hjepa.schedules import OptimConfig
+from hjepa.sections import mask_config, model_config, optim_config
 from hjepa.errors import UserError, exit_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
