@@ -45,7 +45,7 @@ NUM_CLASSES = len(KINDS) - len(DECOY_WNIDS)  # one drawing kind per class, decoy
 FULL = dict(train_per_class=300, val_per_class=50, train_flags=[], probe_flags=[], in_process=False)
 QUICK = dict(train_per_class=8, val_per_class=4,
              train_flags=["--training.epochs=1", "--data.batch_size=16", "--logging.log_every=1"],
-             probe_flags=["--eval.epochs=3"], in_process=True)
+             probe_flags=["--eval.epochs=3", "--eval.min_steps=0"], in_process=True)
 IMAGE_SIZE = (80, 80)  # drawn size (width, height); training crops resize to data.image_size
 # How the demo's images are drawn (hjepa.synthetic.draw_image). Colours, place, scale and angle stay
 # random; the object is big, the background calm, and the object's channels sit on the other side of

@@ -145,16 +145,28 @@ def labeled(features, labels):
     return features[keep], labels[keep]
 
 
+def probe_epochs(num_samples, *, epochs, batch_size, min_steps):
+    """Epochs the probe trains for: `epochs`, or more when that would take fewer than `min_steps` steps.
+
+    A probe is judged converged, not run for a fixed number of passes: on small sets a fixed epoch
+    count is a handful of steps (100 epochs of 3,000 features at batch 1024 are 200 steps, which left
+    a random-init encoder's probe 7 points and a pretrained one's 5 points short on Fashion-MNIST).
+    """
+    steps_per_epoch = max(1, num_samples // batch_size)
+    return max(epochs, -(-min_steps // steps_per_epoch))
+
+
 def train_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epochs, lr, weight_decay,
-                       batch_size, seed, device, progress=True, num_classes=None):
+                       batch_size, seed, device, progress=True, num_classes=None, min_steps=0):
     """Train `BatchNorm1d(affine=False) + Linear` on frozen features; top-1/top-5 (percent) on val.
 
-    Recipe: SGD, momentum 0.9, cosine decay from `lr` to 0 over all steps, no warmup, cross-entropy.
-    The parameter-free BatchNorm standardises every feature dimension (MAE's probe, Sec. A.2), so
-    the problem is well conditioned whatever the encoder's feature scale and plain SGD converges as
-    fast as AdamW would; lr=0.1 at batch 1024 is then a safe, standard choice (DINO/MAE-style SGD
-    probes sit around 0.1 per 256-1024 once inputs are normalised). `lr` is absolute, not rescaled
-    with the batch size. Unlabeled samples are excluded from both sets. With fewer than 5 classes
+    Recipe: SGD, momentum 0.9, cosine decay from `lr` to 0 over all steps, no warmup, cross-entropy,
+    for `probe_epochs(...)` epochs (at least `min_steps` steps). The parameter-free BatchNorm
+    standardises every feature dimension (MAE's probe, Sec. A.2), so the problem is well conditioned
+    whatever the encoder's feature scale. `lr` is absolute, not rescaled with the batch size.
+    The defaults (eval section: batch 256, lr 0.5, >= 3,000 steps) match a full-batch L-BFGS fit of
+    the same probe on cached Fashion-MNIST features (3,000 x 96) within 1 point on the mean over
+    three seeds (2.4 at most per seed) for random-init and pretrained vit_micro encoders alike. Unlabeled samples are excluded from both sets. With fewer than 5 classes
     the top-5 is computed as top-C (every class is within the top 5, so it is 100%); `top5_k` in the
     result says which k was used.
     """
@@ -178,6 +190,7 @@ def train_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epoc
     y_train = train_labels.to(device)
     # drop_last keeps BatchNorm statistics from a 1-sample batch; fewer samples than a batch = one batch
     steps_per_epoch = max(1, len(y_train) // batch_size)
+    epochs = probe_epochs(len(y_train), epochs=epochs, batch_size=batch_size, min_steps=min_steps)
     total_steps = epochs * steps_per_epoch
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -54,6 +54,23 @@ def test_top5_with_fewer_than_five_classes_ranks_all_classes():
     assert result["top5"] == 100.0
 
 
+def test_probe_epochs_grow_until_min_steps_on_small_sets():
+    # 3,000 features at batch 256: 11 steps per epoch, so 100 epochs are 1,100 steps < 3,000
+    assert probe.probe_epochs(3000, epochs=100, batch_size=256, min_steps=3000) == 273  # ceil(3000 / 11)
+    # ImageNet-100 (126,689 features): 494 steps per epoch, 100 epochs already exceed min_steps
+    assert probe.probe_epochs(126_689, epochs=100, batch_size=256, min_steps=3000) == 100
+    assert probe.probe_epochs(10, epochs=5, batch_size=256, min_steps=0) == 5  # one short batch per epoch
+
+
+def test_linear_probe_runs_at_least_min_steps(monkeypatch):
+    steps = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+    probe.train_linear_probe(*gaussian_blobs(10, 40, seed=1), *gaussian_blobs(10, 20, seed=2),
+                             **{**PROBE_KWARGS, "epochs": 1}, min_steps=50)
+    assert len(steps) == 52  # 400 samples at batch 100: 4 steps per epoch, ceil(50 / 4) = 13 epochs
+
+
 def test_linear_probe_is_reproducible_for_a_seed():
     train, val = gaussian_blobs(10, 40, seed=1, spread=4.0), gaussian_blobs(10, 20, seed=2, spread=4.0)
     first = probe.train_linear_probe(*train, *val, **PROBE_KWARGS)
@@ -192,7 +209,7 @@ def run_probe(*args):
 
 def probe_args(checkpoint, betons, *extra):
     return [f"--eval.checkpoint={checkpoint}", f"--eval.train_dataset={betons[0]}",
-            f"--eval.val_dataset={betons[1]}", "--eval.epochs=5", "--eval.num_workers=1",
+            f"--eval.val_dataset={betons[1]}", "--eval.epochs=5", "--eval.min_steps=0", "--eval.num_workers=1",
             "--eval.extract_batch_size=8", *extra]
 
 
@@ -259,7 +276,7 @@ def test_cli_random_init_probes_an_untrained_encoder_of_the_model_section(betons
     out = tmp_path / "random.json"
     proc = run_probe("--eval.random_init=1", "--model.arch=vit_tiny", "--model.patch_size=8",
                      "--data.image_size=32", f"--eval.train_dataset={betons[0]}", f"--eval.val_dataset={betons[0]}",
-                     "--eval.epochs=5", "--eval.num_workers=1", f"--eval.cache_dir={tmp_path / 'features'}",
+                     "--eval.epochs=5", "--eval.min_steps=0", "--eval.num_workers=1", f"--eval.cache_dir={tmp_path / 'features'}",
                      f"--eval.out={out}")
     assert proc.returncode == 0, proc.stderr
     with open(out) as f:

@@ -115,7 +115,7 @@ def mixture_cli(f, out, multi_beton, mixture):
 def probe_cli(f, out, *extra):
     return ["eval/linear_probe.py", "--eval.random_init=1", "--model.arch=vit_micro", "--model.patch_size=4",
             "--data.image_size=32", f"--eval.train_dataset={f.beton}", f"--eval.val_dataset={f.beton}",
-            "--eval.epochs=1", "--eval.num_workers=1", f"--eval.cache_dir={out / 'features'}",
+            "--eval.epochs=1", "--eval.min_steps=0", "--eval.num_workers=1", f"--eval.cache_dir={out / 'features'}",
             f"--eval.out={out / 'probe.json'}", "--logging.progress=0", *extra]
 
 
