@@ -139,7 +139,7 @@ def build_training(cfg, info, device, say):
         say(f"resumed from {path} at step {start_step}")
 
     if info.is_main:
-        prepare_run_dir(cfg, run_dir)
+        prepare_run_dir(cfg, run_dir, start_step)
     masking = mask_config(cfg)
     loop = EpochLoop(
         cfg=cfg, info=info, device=device, model=model, forward=wrap_for_training(model, cfg, info, device),
@@ -219,12 +219,14 @@ def wrap_for_training(model, cfg, info, device):
     return forward
 
 
-def prepare_run_dir(cfg, run_dir):
+def prepare_run_dir(cfg, run_dir, start_step):
+    """The run folder, its params.json, and one more line in git_commit.txt: `<commit> from step N`
+    per start, so a resumed run still names the code that trained its first steps."""
     make_run_dir(*os.path.split(run_dir))
     ckpt_io.remove_partial_checkpoints(run_dir)
     save_config(cfg, os.path.join(run_dir, "params.json"))
-    with open(os.path.join(run_dir, "git_commit.txt"), "w") as f:
-        f.write(git_commit() + "\n")
+    with open(os.path.join(run_dir, "git_commit.txt"), "a") as f:
+        f.write(f"{git_commit()} from step {start_step}\n")
 
 
 class StopSignal:

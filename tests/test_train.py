@@ -73,6 +73,9 @@ def test_stopped_and_resumed_run_ends_with_identical_parameters(finished_run, ti
     assert load_checkpoint(os.path.join(tmp_path, "parts", "checkpoint.pt"))["step"] == 3
     run_dir = train_module.main(common + ["--training.resume=auto"])
     assert_same_parameters(run_dir, finished_run)
+    with open(os.path.join(run_dir, "git_commit.txt")) as f:  # each start adds a line; none is overwritten
+        starts = [line.split(" from step ") for line in f.read().splitlines()]
+    assert [int(step) for _commit, step in starts] == [0, 3]
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_beton, tmp_path, monkeypatch):
