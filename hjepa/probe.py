@@ -150,7 +150,7 @@ def probe_epochs(num_samples, *, epochs, batch_size, min_steps):
 
     A probe is judged converged, not run for a fixed number of passes: on small sets a fixed epoch
     count is a handful of steps (100 epochs of 3,000 features at batch 1024 are 200 steps, which left
-    a random-init encoder's probe 7 points and a pretrained one's 5 points short on Fashion-MNIST).
+    a random-init encoder's probe 8 points and a pretrained one's 5 points short on Fashion-MNIST).
     """
     steps_per_epoch = max(1, num_samples // batch_size)
     return max(epochs, -(-min_steps // steps_per_epoch))
@@ -166,9 +166,10 @@ def train_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epoc
     whatever the encoder's feature scale. `lr` is absolute, not rescaled with the batch size.
     The defaults (eval section: batch 256, lr 0.5, >= 3,000 steps) match a full-batch L-BFGS fit of
     the same probe on cached Fashion-MNIST features (3,000 x 96) within 1 point on the mean over
-    three seeds (2.4 at most per seed) for random-init and pretrained vit_micro encoders alike. Unlabeled samples are excluded from both sets. With fewer than 5 classes
-    the top-5 is computed as top-C (every class is within the top 5, so it is 100%); `top5_k` in the
-    result says which k was used.
+    three seeds (2.6 at most per seed) for random-init and pretrained vit_micro encoders alike.
+    Unlabeled samples are excluded from both sets. With fewer than 5 classes the top-5 is computed
+    as top-C (every class is within the top 5, so it is 100%); `top5_k` in the result says which k
+    was used.
     """
     device = torch.device(device)
     train_feats, train_labels = labeled(train_feats, train_labels)
