@@ -147,9 +147,7 @@ def main(argv=None):
         "checkpoint_epoch": ckpt.get("epoch") if ckpt else None, "checkpoint_step": ckpt.get("step") if ckpt else None,
         "arch": model_config["arch"], "patch_size": model_config["patch_size"], "image_size": image_size,
         "last_k_blocks": cfg["eval.last_k_blocks"], "train_dataset": cfg["eval.train_dataset"],
-        "val_dataset": cfg["eval.val_dataset"], "epochs": probe.probe_epochs(
-            num_train, epochs=cfg["eval.epochs"], batch_size=cfg["eval.batch_size"], min_steps=cfg["eval.min_steps"]),
-        "min_steps": cfg["eval.min_steps"], "lr": cfg["eval.lr"],
+        "val_dataset": cfg["eval.val_dataset"], "min_steps": cfg["eval.min_steps"], "lr": cfg["eval.lr"],
         "weight_decay": cfg["eval.weight_decay"], "batch_size": cfg["eval.batch_size"], "seed": cfg["eval.seed"],
         "knn_k": cfg["eval.knn_k"], "knn_temperature": cfg["eval.knn_temperature"], "device": str(device),
         "cache_hits": {"train": train_hit, "val": val_hit},

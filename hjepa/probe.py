@@ -169,7 +169,7 @@ def train_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epoc
     three seeds (2.6 at most per seed) for random-init and pretrained vit_micro encoders alike.
     Unlabeled samples are excluded from both sets. With fewer than 5 classes the top-5 is computed
     as top-C (every class is within the top 5, so it is 100%); `top5_k` in the result says which k
-    was used.
+    was used, `epochs` and `steps` how long the probe trained.
     """
     device = torch.device(device)
     train_feats, train_labels = labeled(train_feats, train_labels)
@@ -214,7 +214,7 @@ def train_linear_probe(train_feats, train_labels, val_feats, val_labels, *, epoc
     probe.eval()
     with torch.inference_mode():
         logits = torch.cat([probe(chunk.to(device, torch.float32)) for chunk in val_feats.split(8192)])  # (M, C)
-    return topk_accuracy(logits, val_labels.to(device))
+    return {**topk_accuracy(logits, val_labels.to(device)), "epochs": epochs, "steps": total_steps}
 
 
 def topk_accuracy(logits, labels):

@@ -66,8 +66,9 @@ def test_linear_probe_runs_at_least_min_steps(monkeypatch):
     steps = []
     real_step = torch.optim.SGD.step
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
-    probe.train_linear_probe(*gaussian_blobs(10, 40, seed=1), *gaussian_blobs(10, 20, seed=2),
-                             **{**PROBE_KWARGS, "epochs": 1}, min_steps=50)
+    result = probe.train_linear_probe(*gaussian_blobs(10, 40, seed=1), *gaussian_blobs(10, 20, seed=2),
+                                      **{**PROBE_KWARGS, "epochs": 1}, min_steps=50)
+    assert (result["epochs"], result["steps"]) == (13, 52)  # what the result reports is what ran
     assert len(steps) == 52  # 400 samples at batch 100: 4 steps per epoch, ceil(50 / 4) = 13 epochs
 
 
