@@ -20,14 +20,20 @@ Sections, in order (data always runs; --sections picks among the others):
                    compiles in the first), then one timed window on a device-resident batch (model
                    speed) and one fed by the loader (data-wait); MFU, graphs compiled after warm-up
                    (goal: none), peak memory.
+  profile          where a compiled ViT-S step's time goes (hjepa.step_profile): CUDA kernel time by
+                   kind (matmul, attention, inductor's fused kernels, optimizer/EMA, copies), the
+                   largest kernels, and the host's time to queue a step against its wall time.
   short_run        300 steps of that ViT-S from its initial weights (its compiled graphs reused) with
                    the trainer's schedules on the generated beton: the loss must fall and target_std
                    stay above a floor.
+  variants         ViT-S alternatives timed the same way: the loader-fed window at fewer loader threads,
+                   and torch.compile mode reduce-overhead (CUDA graphs; hardware.compile_mode).
   train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilation costs the most.
 
-Seconds each section takes on one H100 (budgeted in MIN_SECONDS; imports and CUDA start ~10): data 15,
-loader 20, copy_race 45, train_vit_small 110 (inductor compile ~60-90), short_run 30, train_vit_base 140
-(compile ~90-120): ~370 s, inside the default budget of 470 s; the watchdog stops it at 530 s.
+Seconds budgeted per section (MIN_SECONDS; imports and CUDA start ~10): data 15, loader 20, copy_race 45,
+train_vit_small 110, profile 15, short_run 30, variants 100, train_vit_base 140. One H100 ran the sections
+without profile and variants in 196 s (compiles 25-31 s each, with a cold inductor cache), inside the
+default budget of 470 s; the watchdog stops it at 530 s.
 """
 import time
 
@@ -50,7 +56,7 @@ from hjepa.compile_stats import compilation_records, compile_log, compiled_graph
 from hjepa.config import load_config
 from hjepa.copy_race import check_device_copies, direct_copy
 from hjepa.loaders import build_train_loader, images_to_device, normalize_images
-from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
+from hjepa.engine import autocast_dtype, build_optimizer, compile_forward, masks_to_device, train_step
 from hjepa.errors import UserError
 from hjepa.flops import datasheet_peak_tflops, mfu, train_flops_per_image
 from hjepa.masks import sample_masks
@@ -59,21 +65,24 @@ from hjepa.runlog import cpu_model, git_commit
 from hjepa.schedules import schedule_values
 from hjepa.sections import data_config, mask_config, model_config, optim_config
 from hjepa.sources import image_folder_samples
+from hjepa.step_profile import summarize_profile
 from hjepa.synthetic import write_photo_like_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
+SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "profile", "short_run", "variants", "train_vit_base")
 # Seconds a section takes on one H100, compiles included (see the docstring): one that no longer fits
 # in what is left of --budget-s is skipped.
-MIN_SECONDS = dict(data=0, loader=20, copy_race=45, train_vit_small=110, short_run=30, train_vit_base=140)
+MIN_SECONDS = dict(data=0, loader=20, copy_race=45, train_vit_small=110, profile=15, short_run=30, variants=100,
+                   train_vit_base=140)
 # What differs between the GPU run and --smoke. warmup_steps: steps before the timed windows; the masks'
 # shapes are fixed per masking config, so the graphs compile in the first and the rest show none follow.
 GPU = dict(config="rn_configs/h100_100ep.yaml", overrides={}, archs=("vit_small", "vit_base"), num_images=4000,
            image_sides=(300, 500), loader_seconds=4.0, warmup_steps=3, timed_steps=50, race_steps=500,
-           control_steps=100, short_steps=300, compile_backend="inductor", min_seconds=MIN_SECONDS)
+           control_steps=100, short_steps=300, profile_steps=5, compile_backend="inductor", min_seconds=MIN_SECONDS)
 SMOKE = dict(config="rn_configs/cpu_demo.yaml", archs=("vit_micro", "vit_micro"), num_images=64, image_sides=(40, 64),
              overrides={"data.image_size": 32, "model.patch_size": 4, "data.batch_size": 8, "cfg.short_side": 40},
              loader_seconds=0.0, warmup_steps=2, timed_steps=3, race_steps=12, control_steps=4, short_steps=16,
+             profile_steps=2,
              compile_backend="eager",  # dynamo's graph capture and guards without minutes of inductor codegen
              min_seconds=dict.fromkeys(SECTIONS, 0))
 IN100_TRAIN_IMAGES = 126_689  # the ImageNet-100 train split (README)
@@ -114,8 +123,8 @@ class Run(BudgetedRun):
         self.results["meta"].update(device=name, peak_bf16_tflops=self.peak_tflops)
         self.say(f"device: {name}")
 
-    def config(self, arch):
-        overrides = dict(self.size["overrides"], **{"model.arch": arch})
+    def config(self, arch, overrides=None):
+        overrides = dict(self.size["overrides"], **{"model.arch": arch}, **(overrides or {}))
         return load_config([os.path.join(REPO_ROOT, self.size["config"])], overrides=overrides)
 
     def sync(self):
@@ -225,9 +234,12 @@ class Trainer:
         self.model = build_model(model_config(cfg)).to(self.device)
         self.initial_state = copy.deepcopy(self.model.state_dict())
         self.optimizer = self.new_optimizer()
-        self.forward = torch.compile(self.model, backend=run.size["compile_backend"])  # as hjepa/train.py does
+        self.compile_mode = cfg["hardware.compile_mode"]
+        self.forward = compile_forward(self.model, self.compile_mode, backend=run.size["compile_backend"])
         self.amp_dtype = autocast_dtype(self.device, cfg["hardware.bf16"])
         self.masking, self.grid = mask_config(cfg), self.model.grid_size
+        self.flops = train_flops_per_image(self.model.model_config, masking=self.masking,
+                                           num_patches=self.grid[0] * self.grid[1])
 
     def new_optimizer(self):
         optim = optim_config(self.cfg)  # as hjepa/train.py builds it (each step's schedule sets lr and wd)
@@ -257,6 +269,34 @@ def peak_memory_gib(run, baseline=0):
     return round((torch.cuda.max_memory_allocated(run.device) - baseline) / 2**30, 2)
 
 
+def timed_window(run, trainer, next_images, steps, first_step, flops):
+    """Images/s, ms per step, data-wait fraction (time in next_images) and MFU over `steps` steps."""
+    wait = 0.0
+    run.sync()
+    t0 = time.perf_counter()
+    for step in range(first_step, first_step + steps):
+        t_fetch = time.perf_counter()
+        images = next_images()
+        wait += time.perf_counter() - t_fetch
+        out = trainer.step(step, images)
+    run.sync()  # the only sync in the window
+    elapsed = time.perf_counter() - t0
+    loss = float(out["loss"].detach())
+    img_s = steps * trainer.batch / elapsed
+    return dict(img_s=round(img_s, 1), step_ms=round(1000 * elapsed / steps, 2),
+                data_wait_fraction=round(wait / elapsed, 4), loss=loss,
+                mfu=round(mfu(img_s, flops, run.peak_tflops), 4) if run.peak_tflops else None)
+
+
+def loader_fed_window(run, trainer, loader, steps, first_step, flops):
+    source = batches_forever(loader)
+    next(source)  # start the loader's epoch thread before the window
+    try:
+        return timed_window(run, trainer, lambda: next(source), steps, first_step, flops)
+    finally:
+        source.close()
+
+
 def section_train(arch_index):
     def section(run):
         # An empty dynamo cache, as a training process starts with: both models run HJEPA.forward, and
@@ -270,12 +310,11 @@ def section_train(arch_index):
         trainer = Trainer(run, cfg)
         if arch_index == 0:
             run.kept["vit_small"] = trainer  # the short run starts from its initial weights
-        grid, log0, graphs0 = trainer.grid, len(compilation_records()), compiled_graphs()
-        flops = train_flops_per_image(trainer.model.model_config, masking=trainer.masking,
-                                      num_patches=grid[0] * grid[1])
+        log0, graphs0, flops = len(compilation_records()), compiled_graphs(), trainer.flops
         run.record(arch=cfg["model.arch"], image_size=cfg["data.image_size"], patch_size=cfg["model.patch_size"],
                    batch_size=trainer.batch, amp=str(trainer.amp_dtype), compile_backend=run.size["compile_backend"],
-                   train_gflops_per_image=round(flops / 1e9, 2), peak_bf16_tflops=run.peak_tflops)
+                   compile_mode=trainer.compile_mode, train_gflops_per_image=round(flops / 1e9, 2),
+                   peak_bf16_tflops=run.peak_tflops)
 
         # Warm-up on a device-resident batch, as the trainer's first steps go. Every input has the same
         # shape each step (masks fixed per masking config), so dynamo compiles in step 0 only;
@@ -283,6 +322,8 @@ def section_train(arch_index):
         side = cfg["data.image_size"]
         device_batch = torch.randint(0, 256, (trainer.batch, 3, side, side), dtype=torch.uint8,
                                      device=run.device).contiguous(memory_format=torch.channels_last)
+        if arch_index == 0:
+            run.kept["device_batch"] = device_batch  # the profile and the variants time on it too
         new_graph_steps, t0 = [], time.perf_counter()
         for step in range(run.size["warmup_steps"]):
             before = compiled_graphs()
@@ -296,32 +337,9 @@ def section_train(arch_index):
                    graphs_compiled_in_warmup=compiled_graphs() - graphs0, new_graph_steps=new_graph_steps,
                    compiles=compile_log(log0))
 
-        def timed(next_images, steps):
-            nonlocal step
-            wait = 0.0
-            run.sync()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                t_fetch = time.perf_counter()
-                images = next_images()
-                wait += time.perf_counter() - t_fetch
-                out = trainer.step(step, images)
-                step += 1
-            run.sync()  # the only sync in the window
-            elapsed = time.perf_counter() - t0
-            img_s = steps * trainer.batch / elapsed
-            return dict(img_s=round(img_s, 1), step_ms=round(1000 * elapsed / steps, 2),
-                        data_wait_fraction=round(wait / elapsed, 4), loss=float(out["loss"].detach()),
-                        mfu=round(mfu(img_s, flops, run.peak_tflops), 4) if run.peak_tflops else None)
-
         steps, graphs_warm = run.size["timed_steps"], compiled_graphs()
-        run.record(device_batch=timed(lambda: device_batch, steps))
-        source = batches_forever(train_loader(run, cfg))
-        next(source)  # start the loader's epoch thread before the window
-        try:
-            loader_fed = timed(lambda: next(source), steps)
-        finally:
-            source.close()
+        run.record(device_batch=timed_window(run, trainer, lambda: device_batch, steps, step, flops))
+        loader_fed = loader_fed_window(run, trainer, train_loader(run, cfg), steps, step + steps, flops)
         steps_per_epoch = IN100_TRAIN_IMAGES // trainer.batch
         run.record(loader_fed=loader_fed, timed_steps=steps, recompiles_after_warmup=compiled_graphs() - graphs_warm,
                    compiles=compile_log(log0), graphs_compiled=compiled_graphs() - graphs0,
@@ -370,8 +388,83 @@ def section_short_run(run):
                passed=done == steps and loss_end < loss_start and min(target_std) > TARGET_STD_FLOOR)
 
 
+def section_profile(run):
+    """Where a compiled ViT-S step goes (hjepa.step_profile): kernel time by kind and the largest kernels
+    over profile_steps steps, and per step the host's time to queue it against the wall time with a sync
+    (host close to wall: launch-bound; kernels' total close to wall: the GPU is the limit)."""
+    trainer, batch = run.kept.get("vit_small"), run.kept.get("device_batch")
+    if trainer is None:
+        raise RuntimeError("no ViT-S trainer: train_vit_small did not run")
+    trainer.optimizer = trainer.new_optimizer()
+    first, steps = 100_000, run.size["profile_steps"]
+    host_ms, wall_ms = [], []
+    for step in range(first, first + steps):
+        run.sync()
+        t0 = time.perf_counter()
+        trainer.step(step, batch)
+        host_ms.append(1000 * (time.perf_counter() - t0))
+        run.sync()
+        wall_ms.append(1000 * (time.perf_counter() - t0))
+    on_device = run.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_device else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for step in range(first + steps, first + 2 * steps):
+            trainer.step(step, batch)
+        run.sync()
+    summary = summarize_profile(prof.key_averages(), steps, on_device)
+    wall = float(np.median(wall_ms))
+    run.record(arch=trainer.cfg["model.arch"], steps=steps, timed=("CUDA kernels" if on_device else "CPU ops, self time"),
+               host_queue_ms_per_step=round(float(np.median(host_ms)), 2), wall_ms_per_step=round(wall, 2),
+               busy_fraction=round(summary["total_ms_per_step"] / wall, 4), **summary)
+
+
+def fewer_workers(workers):
+    """Loader thread counts to try besides `workers`: the trainer's own thread needs a core too."""
+    return sorted({max(1, workers - 4), max(1, workers // 2)} - {workers}, reverse=True)
+
+
+def section_variants(run):
+    """ViT-S alternatives, timed as train_vit_small times it: the loader-fed window at fewer loader
+    threads (data-wait), then a trainer compiled with hardware.compile_mode=reduce-overhead (CUDA graphs;
+    inductor only: with --smoke's eager backend the mode is not applied)."""
+    trainer = run.kept.pop("vit_small", None)
+    if trainer is None:
+        raise RuntimeError("no ViT-S trainer: train_vit_small did not run")
+    cfg, steps = run.config(run.size["archs"][0]), run.size["timed_steps"]
+    trainer.optimizer = trainer.new_optimizer()
+    workers = run.args.num_workers or os.cpu_count()
+    by_workers = {workers: loader_fed_window(run, trainer, train_loader(run, cfg), steps, 200_000, trainer.flops)}
+    for count in fewer_workers(workers):
+        loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
+                                                        num_workers=count, in_memory=True, order="random", seed=0))
+        by_workers[count] = loader_fed_window(run, trainer, loader, steps, 200_000, trainer.flops)
+        loader.close()
+    run.record(loader_fed_by_workers={str(count): window for count, window in by_workers.items()})
+    del trainer
+
+    torch._dynamo.reset()
+    memory0 = reset_memory_stats(run)
+    trainer = Trainer(run, run.config(run.size["archs"][0], {"hardware.compile_mode": "reduce-overhead"}))
+    log0, graphs0 = len(compilation_records()), compiled_graphs()
+    batch, warmup = run.kept["device_batch"], run.size["warmup_steps"] + 2  # CUDA graphs record in step 2
+    t0 = time.perf_counter()
+    for step in range(warmup):
+        trainer.step(step, batch)
+    run.sync()
+    warmup_s, graphs_warm = time.perf_counter() - t0, compiled_graphs()
+    device_batch = timed_window(run, trainer, lambda: batch, steps, warmup, trainer.flops)
+    loader_fed = loader_fed_window(run, trainer, train_loader(run, cfg), steps, warmup + steps, trainer.flops)
+    run.record(cuda_graphs=dict(compile_mode=trainer.compile_mode,
+                                applied=run.size["compile_backend"] == "inductor", warmup_steps=warmup,
+                                warmup_s=round(warmup_s, 1), graphs_compiled_in_warmup=graphs_warm - graphs0,
+                                recompiles_after_warmup=compiled_graphs() - graphs_warm, compiles=compile_log(log0),
+                                device_batch=device_batch, loader_fed=loader_fed,
+                                peak_memory_above_start_gib=peak_memory_gib(run, memory0)))
+
+
 SECTION_FUNCTIONS = {"data": section_data, "loader": section_loader, "copy_race": section_copy_race,
-                     "train_vit_small": section_train(0), "short_run": section_short_run,
+                     "train_vit_small": section_train(0), "profile": section_profile, "short_run": section_short_run,
+                     "variants": section_variants,
                      "train_vit_base": section_train(1)}
 
 
@@ -425,6 +518,23 @@ def print_table(results):
         value = get(path)
         verdict = "" if meets is None or value is None else "meets" if meets(value) else "short"
         print(f"{label:<46}{text(value, spec):>12}  {target:<10}{verdict}")
+    profile = sections.get("profile", {})
+    if profile.get("categories"):
+        print(f"\nwhere a {profile['arch']} step goes ({profile['timed']}): {profile['total_ms_per_step']:.1f} ms per "
+              f"step busy of {profile['wall_ms_per_step']:.1f} ms wall; the host queues it in "
+              f"{profile['host_queue_ms_per_step']:.1f} ms")
+        for category, entry in profile["categories"].items():
+            print(f"  {category:<20}{entry['ms_per_step']:>9.2f} ms {entry['share']:>7.1%}")
+    variants = sections.get("variants", {})
+    for workers, window in variants.get("loader_fed_by_workers", {}).items():
+        print(f"loader-fed at {workers:>2} loader threads: {window['img_s']:>9,.0f} img/s, "
+              f"data-wait {window['data_wait_fraction']:.2%}")
+    graphs = variants.get("cuda_graphs")
+    if graphs:
+        print(f"compile_mode={graphs['compile_mode']} (applied: {graphs['applied']}): "
+              f"{graphs['device_batch']['img_s']:,.0f} img/s GPU-resident, {graphs['loader_fed']['img_s']:,.0f} "
+              f"loader-fed (data-wait {graphs['loader_fed']['data_wait_fraction']:.2%}), "
+              f"{graphs['recompiles_after_warmup']} graphs compiled after warm-up")
     for name, entry in sections.items():
         if entry.get("status") != "ok":
             print(f"{name}: {entry.get('status')} {entry.get('error') or entry.get('reason') or ''}")

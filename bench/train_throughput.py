@@ -15,7 +15,7 @@ import torch
 
 from hjepa import schedules
 from hjepa.config import config_as_dict, config_from_cli, format_config
-from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
+from hjepa.engine import autocast_dtype, build_optimizer, compile_forward, masks_to_device, train_step
 from hjepa.errors import exit_on_user_error
 from hjepa.runlog import cpu_model
 from hjepa.flops import mfu, train_flops_per_image
@@ -57,7 +57,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = build_model(model_config(cfg)).to(device)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
-    forward = torch.compile(model) if cfg["hardware.compile"] else model
+    forward = compile_forward(model, cfg["hardware.compile_mode"]) if cfg["hardware.compile"] else model
     amp_dtype = autocast_dtype(device, cfg["hardware.bf16"])
     masking = mask_config(cfg)
     grid = model.grid_size
@@ -99,7 +99,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
         "arch": cfg["model.arch"], "image_size": cfg["data.image_size"], "patch_size": cfg["model.patch_size"],
         "batch_size": batch, "steps": steps, "warmup_steps": warmup,
-        "compile": cfg["hardware.compile"], "amp": str(amp_dtype),
+        "compile": cfg["hardware.compile"], "compile_mode": cfg["hardware.compile_mode"], "amp": str(amp_dtype),
         "num_workers": cfg["data.num_workers"],
         "config": config_as_dict(cfg, READS),
     }

@@ -23,6 +23,15 @@ def autocast_dtype(device, bf16):
     return torch.bfloat16 if (device.type == "cuda" and bf16) else None
 
 
+def compile_forward(forward, mode="default", backend="inductor"):
+    """torch.compile(forward) in hardware.compile_mode. "reduce-overhead" records the compiled forward
+    and backward as CUDA graphs and replays them (launch overhead gone; inputs are copied into static
+    buffers); "max-autotune-no-cudagraphs" benchmarks kernel choices while compiling (minutes).
+    A mode is inductor's: other backends (the tests' "eager") ignore it."""
+    mode = None if mode == "default" or backend != "inductor" else mode
+    return torch.compile(forward, backend=backend, mode=mode)
+
+
 def train_step(model, forward, optimizer, images, masks, *, lr, weight_decay, momentum,
                amp_dtype=None, clip_grad=0.0):
     """One H-JEPA step. Returns the forward's tensors plus `grad_norm`, all still on the device.
@@ -32,6 +41,9 @@ def train_step(model, forward, optimizer, images, masks, *, lr, weight_decay, mo
     host, so the caller decides when to pay a device sync.
     """
     set_optimizer_schedule(optimizer, lr=lr, weight_decay=weight_decay)
+    # A new step for CUDA graphs (hardware.compile_mode=reduce-overhead): the previous step's outputs
+    # may now be overwritten by a replay. The caller reads each step's outputs before the next step.
+    torch.compiler.cudagraph_mark_step_begin()
 
     # 1. targets (no grad, inside the model) and  2. predictions of every target block from the context
     with torch.autocast(device_type=images.device.type, dtype=amp_dtype or torch.float32,

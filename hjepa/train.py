@@ -20,7 +20,7 @@ from tqdm import tqdm
 from hjepa import checkpoint as ckpt_io
 from hjepa.config import config_as_dict, config_from_cli, format_config, save_config
 from hjepa.loaders import build_eval_loader, build_train_loader, normalize_images
-from hjepa.engine import autocast_dtype, build_optimizer, masks_to_device, train_step
+from hjepa.engine import autocast_dtype, build_optimizer, compile_forward, masks_to_device, train_step
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import MaskConfig, sample_masks
@@ -215,7 +215,7 @@ def wrap_for_training(model, cfg, info, device):
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg["hardware.compile"]:
-        forward = torch.compile(forward)
+        forward = compile_forward(forward, cfg["hardware.compile_mode"])
     return forward
 
 

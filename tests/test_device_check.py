@@ -11,7 +11,7 @@ from hjepa.copy_race import batch_checksum
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "bench", "device_check.sh")
-SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "short_run", "train_vit_base")
+SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "profile", "short_run", "variants", "train_vit_base")
 
 
 def run_check(tmp_path, *args):
@@ -94,3 +94,21 @@ def test_a_spent_budget_skips_every_section_and_still_writes_the_json(tmp_path):
     proc, results = run_check(tmp_path, "--budget-s", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {name: entry["status"] for name, entry in results["sections"].items()} == dict.fromkeys(SECTIONS, "skipped")
+
+
+def test_profile_section_splits_the_step_time_into_kinds_of_work(smoke):
+    profile = smoke[1]["sections"]["profile"]
+    assert profile["steps"] == 2 and profile["wall_ms_per_step"] > 0
+    shares = [entry["share"] for entry in profile["categories"].values()]
+    assert abs(sum(shares) - 1.0) < 0.01 and "matmul" in profile["categories"]
+    assert profile["top"] and profile["top"][0]["ms_per_step"] >= profile["top"][-1]["ms_per_step"]
+
+
+def test_variants_section_times_fewer_loader_threads_and_the_cuda_graph_mode(smoke):
+    variants = smoke[1]["sections"]["variants"]
+    threads = os.cpu_count()
+    assert str(threads) in variants["loader_fed_by_workers"]  # the default, timed again beside the others
+    assert all(window["img_s"] > 0 for window in variants["loader_fed_by_workers"].values())
+    graphs = variants["cuda_graphs"]
+    assert graphs["compile_mode"] == "reduce-overhead" and graphs["applied"] is False  # smoke: eager backend
+    assert graphs["recompiles_after_warmup"] == 0 and graphs["device_batch"]["img_s"] > 0
