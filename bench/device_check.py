@@ -26,8 +26,9 @@ Sections, in order (data always runs; --sections picks among the others):
   short_run        300 steps of that ViT-S from its initial weights (its compiled graphs reused) with
                    the trainer's schedules on the generated beton: the loss must fall and target_std
                    stay above a floor.
-  variants         ViT-S alternatives timed the same way: the loader-fed window at fewer loader threads,
-                   and torch.compile mode reduce-overhead (CUDA graphs; hardware.compile_mode).
+  variants         ViT-S alternatives timed the same way: the loader-fed window at fewer loader threads
+                   and at shorter GIL switch intervals, and the other hardware.compile_mode (default or
+                   reduce-overhead: CUDA graphs).
   train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilation costs the most.
 
 Seconds budgeted per section (MIN_SECONDS; imports and CUDA start ~10): data 15, loader 20, copy_race 45,
@@ -424,27 +425,40 @@ def fewer_workers(workers):
 
 
 def section_variants(run):
-    """ViT-S alternatives, timed as train_vit_small times it: the loader-fed window at fewer loader
-    threads (data-wait), then a trainer compiled with hardware.compile_mode=reduce-overhead (CUDA graphs;
-    inductor only: with --smoke's eager backend the mode is not applied)."""
+    """ViT-S alternatives, timed as train_vit_small times them: the loader-fed window at fewer loader
+    threads and at shorter GIL switch intervals (FFCV's batch-assembling thread needs the GIL between
+    batches, and a busy main thread holds it up to sys.getswitchinterval() at a time), then a trainer
+    compiled in the other hardware.compile_mode (reduce-overhead: CUDA graphs; inductor only: with
+    --smoke's eager backend no mode is applied)."""
     trainer = run.kept.pop("vit_small", None)
     if trainer is None:
         raise RuntimeError("no ViT-S trainer: train_vit_small did not run")
-    cfg, steps = run.config(run.size["archs"][0]), run.size["timed_steps"]
+    cfg, steps, first = run.config(run.size["archs"][0]), run.size["timed_steps"], 200_000
     trainer.optimizer = trainer.new_optimizer()
     workers = run.args.num_workers or os.cpu_count()
-    by_workers = {workers: loader_fed_window(run, trainer, train_loader(run, cfg), steps, 200_000, trainer.flops)}
+    by_workers = {workers: loader_fed_window(run, trainer, train_loader(run, cfg), steps, first, trainer.flops)}
     for count in fewer_workers(workers):
         loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
                                                         num_workers=count, in_memory=True, order="random", seed=0))
-        by_workers[count] = loader_fed_window(run, trainer, loader, steps, 200_000, trainer.flops)
+        by_workers[count] = loader_fed_window(run, trainer, loader, steps, first, trainer.flops)
         loader.close()
     run.record(loader_fed_by_workers={str(count): window for count, window in by_workers.items()})
+    default_interval, by_interval = sys.getswitchinterval(), {}
+    try:
+        for interval in (default_interval, 0.001, 0.0002):
+            sys.setswitchinterval(interval)
+            by_interval[f"{interval * 1000:g}"] = loader_fed_window(run, trainer, train_loader(run, cfg), steps, first,
+                                                                    trainer.flops)
+    finally:
+        sys.setswitchinterval(default_interval)
+    run.record(loader_fed_by_gil_switch_interval_ms=by_interval)
+    configured = trainer.compile_mode
     del trainer
 
     torch._dynamo.reset()
     memory0 = reset_memory_stats(run)
-    trainer = Trainer(run, run.config(run.size["archs"][0], {"hardware.compile_mode": "reduce-overhead"}))
+    other = "default" if configured == "reduce-overhead" else "reduce-overhead"
+    trainer = Trainer(run, run.config(run.size["archs"][0], {"hardware.compile_mode": other}))
     log0, graphs0 = len(compilation_records()), compiled_graphs()
     batch, warmup = run.kept["device_batch"], run.size["warmup_steps"] + 2  # CUDA graphs record in step 2
     t0 = time.perf_counter()
@@ -454,12 +468,12 @@ def section_variants(run):
     warmup_s, graphs_warm = time.perf_counter() - t0, compiled_graphs()
     device_batch = timed_window(run, trainer, lambda: batch, steps, warmup, trainer.flops)
     loader_fed = loader_fed_window(run, trainer, train_loader(run, cfg), steps, warmup + steps, trainer.flops)
-    run.record(cuda_graphs=dict(compile_mode=trainer.compile_mode,
-                                applied=run.size["compile_backend"] == "inductor", warmup_steps=warmup,
-                                warmup_s=round(warmup_s, 1), graphs_compiled_in_warmup=graphs_warm - graphs0,
-                                recompiles_after_warmup=compiled_graphs() - graphs_warm, compiles=compile_log(log0),
-                                device_batch=device_batch, loader_fed=loader_fed,
-                                peak_memory_above_start_gib=peak_memory_gib(run, memory0)))
+    run.record(other_compile_mode=dict(compile_mode=other, applied=run.size["compile_backend"] == "inductor",
+                                       warmup_steps=warmup, warmup_s=round(warmup_s, 1),
+                                       graphs_compiled_in_warmup=graphs_warm - graphs0,
+                                       recompiles_after_warmup=compiled_graphs() - graphs_warm,
+                                       compiles=compile_log(log0), device_batch=device_batch, loader_fed=loader_fed,
+                                       peak_memory_above_start_gib=peak_memory_gib(run, memory0)))
 
 
 SECTION_FUNCTIONS = {"data": section_data, "loader": section_loader, "copy_race": section_copy_race,
@@ -529,7 +543,10 @@ def print_table(results):
     for workers, window in variants.get("loader_fed_by_workers", {}).items():
         print(f"loader-fed at {workers:>2} loader threads: {window['img_s']:>9,.0f} img/s, "
               f"data-wait {window['data_wait_fraction']:.2%}")
-    graphs = variants.get("cuda_graphs")
+    for interval, window in variants.get("loader_fed_by_gil_switch_interval_ms", {}).items():
+        print(f"loader-fed at a GIL switch interval of {interval} ms: {window['img_s']:>9,.0f} img/s, "
+              f"data-wait {window['data_wait_fraction']:.2%}")
+    graphs = variants.get("other_compile_mode")
     if graphs:
         print(f"compile_mode={graphs['compile_mode']} (applied: {graphs['applied']}): "
               f"{graphs['device_batch']['img_s']:,.0f} img/s GPU-resident, {graphs['loader_fed']['img_s']:,.0f} "

@@ -79,6 +79,19 @@ def test_dropped_tokens_never_reach_the_first_block():
     assert seen == [torch.Size([2, 3, 192])]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_embedding_equals_the_stride_p_convolution_of_its_weights(channels_last):
+    encoder = build_encoder("vit_micro", patch_size=8, image_size=32)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    proj = encoder.patch_embed.proj
+    expected = F.conv2d(images, proj.weight, proj.bias, stride=8).flatten(2).transpose(1, 2)  # (B, N, D)
+    tokens = encoder.patch_embed(images)
+    assert tokens.shape == (2, 16, 96)
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_kept_tokens_equal_the_full_embedding_gathered_then_encoded():
     encoder = build_encoder("vit_tiny", patch_size=8, image_size=32).eval()
     images = torch.randn(2, 3, 32, 32)
