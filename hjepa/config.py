@@ -63,6 +63,8 @@ def _declare_sections(cfg):
         loss=_p(Choice("smooth_l1", "mse"), "per-level regression loss", default="smooth_l1"),
         normalize_levels=_p(Boolean(), "layer-norm each pooled level-h>=1 target (prediction scaled alike)",
                             default=True),
+        level_heads=_p(Boolean(), "each level h>=1 predicts through its own linear head (else all levels "
+                       "pool the one prediction; intermediate-depth levels always have a head)", default=False),
     )
     section("masking", "I-JEPA multi-block masks on the patch grid").params(
         num_targets=_p(Integer(1, 16), "target blocks per image", default=4),

@@ -5,7 +5,9 @@ target patches. Level h >= 1 averages prediction and target over 2^h x 2^h windo
 block on the 2-D patch grid (windows anchored at the block's top-left corner), so it asks for the
 gist of a region. Optionally, level h takes its target from an intermediate target-encoder block
 (`level_depths`) and then reads its prediction through its own linear head on the predictor's
-hidden states.
+hidden states; `level_heads` gives every level h >= 1 such a head at the final depth too (the coarse
+levels then ask the predictor for a separate read-out rather than constraining the one per-patch
+prediction's window means).
 
 Two choices make the levels' losses mean what their weights say (bench/hierarchy_levels.py):
 - Cells are weighted by their patch count. Blocks are rarely a multiple of the window, so edge
@@ -258,6 +260,7 @@ class ModelConfig:
     loss: str = "smooth_l1"
     drop_path: float = 0.0            # stochastic depth of the context encoder
     normalize_levels: bool = True     # layer-norm each pooled level >= 1 target
+    level_heads: bool = False         # levels >= 1 predict through their own linear heads
 
     def __post_init__(self):
         # Lists from YAML, JSON or a checkpoint become tuples: the config stays hashable and comparable.
@@ -298,7 +301,8 @@ def build_model(config):
     predictor = Predictor(grid_size=context_encoder.grid_size, embed_dim=context_encoder.embed_dim,
                           predictor_embed_dim=config.predictor_embed_dim, depth=config.predictor_depth,
                           num_heads=config.predictor_num_heads)
-    head_levels = [level for level, d in enumerate(depths) if d != context_encoder.depth]
+    head_levels = [level for level, d in enumerate(depths)
+                   if d != context_encoder.depth or (config.level_heads and level >= 1)]
     level_heads = (LevelHeads(head_levels, config.predictor_embed_dim, context_encoder.embed_dim)
                    if head_levels else None)
     model = HJEPA(context_encoder, predictor, level_weights=config.level_weights, level_depths=depths,

@@ -339,6 +339,18 @@ def test_level_depths_take_targets_from_intermediate_blocks_through_heads():
     assert model.level_heads.heads[0].weight.grad.abs().sum() > 0
 
 
+def test_level_heads_give_each_coarse_level_its_own_read_out_at_the_final_depth():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25], level_heads=True))
+    assert model.level_heads.levels == [1, 2]  # level 0 stays the predictor's own projection (I-JEPA)
+    images, ctx_idx, tgt_idx, tgt_pos = make_batch(tgt_shape=(2, 2))
+    out = model(images, ctx_idx, tgt_idx, tgt_pos)
+    out["loss"].backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in model.level_heads.heads)
+    assert "level_heads" in model.trainable_modules()
+    assert build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0], level_heads=True)).level_heads is None
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_levels=3, level_weights=[1.0, 0.5]), "level_weights"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[12]), "level_depths"),
