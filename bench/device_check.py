@@ -26,9 +26,10 @@ Sections, in order (data always runs; --sections picks among the others):
   short_run        300 steps of that ViT-S from its initial weights (its compiled graphs reused) with
                    the trainer's schedules on the generated beton: the loss must fall and target_std
                    stay above a floor.
-  variants         ViT-S alternatives timed the same way: the loader-fed window at fewer loader threads
-                   and at shorter GIL switch intervals, and the other hardware.compile_mode (default or
-                   reduce-overhead: CUDA graphs).
+  variants         ViT-S alternatives timed the same way: the loader-fed window at fewer loader threads,
+                   with epochs as long as ImageNet-100's (the 4,000-image beton starts an FFCV epoch
+                   every 15 steps) and at shorter GIL switch intervals, then the other
+                   hardware.compile_mode (default or reduce-overhead: CUDA graphs).
   train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilation costs the most.
 
 Seconds budgeted per section (MIN_SECONDS; imports and CUDA start ~10): data 15, loader 20, copy_race 45,
@@ -443,6 +444,15 @@ def section_variants(run):
         by_workers[count] = loader_fed_window(run, trainer, loader, steps, first, trainer.flops)
         loader.close()
     run.record(loader_fed_by_workers={str(count): window for count, window in by_workers.items()})
+    # The generated beton holds 4,000 images, 15 batches of 256: FFCV starts an epoch every 15 steps (a
+    # new thread, and the output buffers allocated again, pinned on CUDA), where ImageNet-100 starts one
+    # every 494. An epoch as long as ImageNet-100's, drawn with repetition, shows what that costs.
+    loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
+                                                    num_workers=workers, in_memory=True, order="random", seed=0,
+                                                    epoch_samples=IN100_TRAIN_IMAGES))
+    run.record(loader_fed_long_epochs=dict(epoch_samples=IN100_TRAIN_IMAGES, num_workers=workers,
+                                           **loader_fed_window(run, trainer, loader, steps, first, trainer.flops)))
+    loader.close()
     default_interval, by_interval = sys.getswitchinterval(), {}
     try:
         for interval in (default_interval, 0.001, 0.0002):
@@ -543,6 +553,10 @@ def print_table(results):
     for workers, window in variants.get("loader_fed_by_workers", {}).items():
         print(f"loader-fed at {workers:>2} loader threads: {window['img_s']:>9,.0f} img/s, "
               f"data-wait {window['data_wait_fraction']:.2%}")
+    long_epochs = variants.get("loader_fed_long_epochs")
+    if long_epochs:
+        print(f"loader-fed, epochs of {long_epochs['epoch_samples']:,} samples: {long_epochs['img_s']:>9,.0f} img/s, "
+              f"data-wait {long_epochs['data_wait_fraction']:.2%}")
     for interval, window in variants.get("loader_fed_by_gil_switch_interval_ms", {}).items():
         print(f"loader-fed at a GIL switch interval of {interval} ms: {window['img_s']:>9,.0f} img/s, "
               f"data-wait {window['data_wait_fraction']:.2%}")
