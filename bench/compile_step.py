@@ -25,7 +25,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from hjepa.loaders import normalize_images
-from hjepa.engine import build_optimizer, train_step
+from hjepa.engine import build_optimizer, compile_forward, train_step
 from hjepa.masks import MaskConfig, mask_sizes, sample_masks
 from hjepa.model import ModelConfig, build_model
 from hjepa.runlog import cpu_model
@@ -41,7 +41,7 @@ def make_run(compiled, batch_size):
     torch.manual_seed(0)
     model = build_model(MODEL)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
-    forward = torch.compile(model) if compiled else model
+    forward = compile_forward(model) if compiled else model
     images = normalize_images(torch.randint(0, 256, (batch_size, 3, 64, 64), dtype=torch.uint8,
                                             generator=torch.Generator().manual_seed(0)), "cpu", torch.float32)
 

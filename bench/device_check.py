@@ -32,10 +32,10 @@ Sections, in order (data always runs; --sections picks among the others):
                    hardware.compile_mode (default or reduce-overhead: CUDA graphs).
   train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilation costs the most.
 
-Seconds budgeted per section (MIN_SECONDS; imports and CUDA start ~10): data 15, loader 20, copy_race 45,
-train_vit_small 110, profile 15, short_run 30, variants 100, train_vit_base 140. One H100 ran the sections
-without profile and variants in 196 s (compiles 25-31 s each, with a cold inductor cache), inside the
-default budget of 470 s; the watchdog stops it at 530 s.
+Seconds budgeted per section (MIN_SECONDS; imports and CUDA start ~10, data always runs, ~10-15):
+loader 20, copy_race 45, train_vit_small 110, profile 15, short_run 30, variants 100, train_vit_base 140.
+One H200 ran them all in 305 s (compiles 25-35 s each, with a cold inductor cache; README "GPU
+figures"), inside the default budget of 470 s; the watchdog stops it at 530 s.
 """
 import time
 
@@ -54,7 +54,7 @@ import torch
 
 from hjepa.beton import read_manifest, write_beton
 from hjepa.budgeted_run import BudgetedRun
-from hjepa.compile_stats import compilation_records, compile_log, compiled_graphs
+from hjepa.compile_stats import compilation_records, compile_log, compiled_graphs, cudagraph_skips
 from hjepa.config import load_config
 from hjepa.copy_race import check_device_copies, direct_copy
 from hjepa.loaders import build_train_loader, images_to_device, normalize_images
@@ -77,7 +77,8 @@ SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "profile", "short_
 MIN_SECONDS = dict(data=0, loader=20, copy_race=45, train_vit_small=110, profile=15, short_run=30, variants=100,
                    train_vit_base=140)
 # What differs between the GPU run and --smoke. warmup_steps: steps before the timed windows; the masks'
-# shapes are fixed per masking config, so the graphs compile in the first and the rest show none follow.
+# shapes are fixed per masking config, so the graphs compile in the first and the rest show none follow;
+# with CUDA graphs (reduce-overhead) step 0 runs the compiled graphs, step 1 records them, step 2 replays.
 GPU = dict(config="rn_configs/h100_100ep.yaml", overrides={}, archs=("vit_small", "vit_base"), num_images=4000,
            image_sides=(300, 500), loader_seconds=4.0, warmup_steps=3, timed_steps=50, race_steps=500,
            control_steps=100, short_steps=300, profile_steps=5, compile_backend="inductor", min_seconds=MIN_SECONDS)
@@ -312,7 +313,7 @@ def section_train(arch_index):
         trainer = Trainer(run, cfg)
         if arch_index == 0:
             run.kept["vit_small"] = trainer  # the short run starts from its initial weights
-        log0, graphs0, flops = len(compilation_records()), compiled_graphs(), trainer.flops
+        log0, graphs0, skips0, flops = len(compilation_records()), compiled_graphs(), cudagraph_skips(), trainer.flops
         run.record(arch=cfg["model.arch"], image_size=cfg["data.image_size"], patch_size=cfg["model.patch_size"],
                    batch_size=trainer.batch, amp=str(trainer.amp_dtype), compile_backend=run.size["compile_backend"],
                    compile_mode=trainer.compile_mode, train_gflops_per_image=round(flops / 1e9, 2),
@@ -337,7 +338,7 @@ def section_train(arch_index):
         run.sync()
         run.record(warmup_steps=step, warmup_s=round(time.perf_counter() - t0, 1),
                    graphs_compiled_in_warmup=compiled_graphs() - graphs0, new_graph_steps=new_graph_steps,
-                   compiles=compile_log(log0))
+                   compiles=compile_log(log0), cudagraph_skips=cudagraph_skips() - skips0)
 
         steps, graphs_warm = run.size["timed_steps"], compiled_graphs()
         run.record(device_batch=timed_window(run, trainer, lambda: device_batch, steps, step, flops))
@@ -395,8 +396,8 @@ def section_profile(run):
     over profile_steps steps, and per step the host's time to queue it against the wall time with a sync
     (host close to wall: launch-bound; kernels' total close to wall: the GPU is the limit)."""
     trainer, batch = run.kept.get("vit_small"), run.kept.get("device_batch")
-    if trainer is None:
-        raise RuntimeError("no ViT-S trainer: train_vit_small did not run")
+    if trainer is None or batch is None:
+        raise RuntimeError("no ViT-S trainer and batch: train_vit_small did not run")
     trainer.optimizer = trainer.new_optimizer()
     first, steps = 100_000, run.size["profile_steps"]
     host_ms, wall_ms = [], []
@@ -415,7 +416,8 @@ def section_profile(run):
         run.sync()
     summary = summarize_profile(prof.key_averages(), steps, on_device)
     wall = float(np.median(wall_ms))
-    run.record(arch=trainer.cfg["model.arch"], steps=steps, timed=("CUDA kernels" if on_device else "CPU ops, self time"),
+    timed = "CUDA kernels" if on_device else "CPU ops, self time"
+    run.record(arch=trainer.cfg["model.arch"], steps=steps, timed=timed,
                host_queue_ms_per_step=round(float(np.median(host_ms)), 2), wall_ms_per_step=round(wall, 2),
                busy_fraction=round(summary["total_ms_per_step"] / wall, 4), **summary)
 
@@ -441,8 +443,10 @@ def section_variants(run):
     for count in fewer_workers(workers):
         loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
                                                         num_workers=count, in_memory=True, order="random", seed=0))
-        by_workers[count] = loader_fed_window(run, trainer, loader, steps, first, trainer.flops)
-        loader.close()
+        try:
+            by_workers[count] = loader_fed_window(run, trainer, loader, steps, first, trainer.flops)
+        finally:
+            loader.close()
     run.record(loader_fed_by_workers={str(count): window for count, window in by_workers.items()})
     # The generated beton holds 4,000 images, 15 batches of 256: FFCV starts an epoch every 15 steps (a
     # new thread, and the output buffers allocated again, pinned on CUDA), where ImageNet-100 starts one
@@ -450,9 +454,11 @@ def section_variants(run):
     loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
                                                     num_workers=workers, in_memory=True, order="random", seed=0,
                                                     epoch_samples=IN100_TRAIN_IMAGES))
-    run.record(loader_fed_long_epochs=dict(epoch_samples=IN100_TRAIN_IMAGES, num_workers=workers,
-                                           **loader_fed_window(run, trainer, loader, steps, first, trainer.flops)))
-    loader.close()
+    try:
+        window = loader_fed_window(run, trainer, loader, steps, first, trainer.flops)
+    finally:
+        loader.close()
+    run.record(loader_fed_long_epochs=dict(epoch_samples=IN100_TRAIN_IMAGES, num_workers=workers, **window))
     default_interval, by_interval = sys.getswitchinterval(), {}
     try:
         for interval in (default_interval, 0.001, 0.0002):
@@ -469,8 +475,8 @@ def section_variants(run):
     memory0 = reset_memory_stats(run)
     other = "default" if configured == "reduce-overhead" else "reduce-overhead"
     trainer = Trainer(run, run.config(run.size["archs"][0], {"hardware.compile_mode": other}))
-    log0, graphs0 = len(compilation_records()), compiled_graphs()
-    batch, warmup = run.kept["device_batch"], run.size["warmup_steps"] + 2  # CUDA graphs record in step 2
+    log0, graphs0, skips0 = len(compilation_records()), compiled_graphs(), cudagraph_skips()
+    batch, warmup = run.kept["device_batch"], run.size["warmup_steps"]
     t0 = time.perf_counter()
     for step in range(warmup):
         trainer.step(step, batch)
@@ -482,7 +488,8 @@ def section_variants(run):
                                        warmup_steps=warmup, warmup_s=round(warmup_s, 1),
                                        graphs_compiled_in_warmup=graphs_warm - graphs0,
                                        recompiles_after_warmup=compiled_graphs() - graphs_warm,
-                                       compiles=compile_log(log0), device_batch=device_batch, loader_fed=loader_fed,
+                                       compiles=compile_log(log0), cudagraph_skips=cudagraph_skips() - skips0,
+                                       device_batch=device_batch, loader_fed=loader_fed,
                                        peak_memory_above_start_gib=peak_memory_gib(run, memory0)))
 
 

@@ -13,6 +13,7 @@ import re
 import torch
 
 from hjepa.errors import UserError
+from hjepa.model import ModelConfig
 from hjepa.vit import build_encoder
 
 FORMAT = "hjepa-checkpoint-v1"
@@ -72,7 +73,12 @@ def encoder_from_checkpoint(ckpt, role, path, image_size=None):
 
 
 def architecture_differences(expected_config, found_config):
-    """The model_config keys whose values differ, as 'key: expected X, checkpoint has Y' strings."""
+    """The model_config keys whose values differ, as 'key: expected X, checkpoint has Y' strings.
+
+    The checkpoint's record is read through ModelConfig first: a key added to the model section
+    after it was written takes its default (the architecture that checkpoint was trained with), and a
+    key this version does not know is a UserError."""
+    found_config = ModelConfig.from_record(found_config).as_record()
     keys = sorted(set(expected_config) | set(found_config))
     return [f"{k}: run has {expected_config.get(k)!r}, checkpoint has {found_config.get(k)!r}"
             for k in keys if expected_config.get(k) != found_config.get(k)]

@@ -12,6 +12,12 @@ def compiled_graphs():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def cudagraph_skips():
+    """Graphs that compile mode reduce-overhead ran without CUDA graphs (inductor skips them silently,
+    e.g. for a CPU tensor or a mutated input); 0 when every compiled graph is replayed as one."""
+    return torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+
+
 def compilation_records():
     """Dynamo's per-compilation records (torch._dynamo.utils.get_compilation_metrics; [] where absent)."""
     return list(getattr(torch._dynamo.utils, "get_compilation_metrics", list)())

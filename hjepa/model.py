@@ -103,7 +103,9 @@ def std_across_batch(z, batch_size, token_weights):
 
 
 class LevelHeads(nn.Module):
-    """One linear read-out per level whose target comes from an intermediate target-encoder block."""
+    """One linear read-out, on the predictor's hidden states, per level that has its own head: levels
+    whose target comes from an intermediate target-encoder block, and with `level_heads` every level
+    h >= 1."""
 
     def __init__(self, levels, predictor_embed_dim, embed_dim):
         super().__init__()
@@ -276,6 +278,9 @@ class ModelConfig:
         if self.level_depths and len(self.level_depths) != self.num_levels:
             raise UserError(f"model.level_depths has {len(self.level_depths)} entries but model.num_levels "
                             f"is {self.num_levels}")
+        if self.level_heads and self.num_levels < 2:
+            raise UserError("model.level_heads gives levels >= 1 their own heads; with model.num_levels=1 "
+                            "there are none")
         if self.loss not in LOSSES:
             raise UserError(f"model.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 

@@ -11,9 +11,10 @@ from torch.autograd import DeviceType
 # First match wins. Names as the libraries print them: cuBLAS / CUTLASS GEMMs (nvjet, xmma, wgmma;
 # triton_tem_ = inductor's autotuned matmul templates), FlashAttention and memory-efficient attention
 # (fmha), the fused AdamW and torch._foreach kernels (the EMA, grad clipping), inductor's generated
-# Triton kernels (triton_poi_/triton_per_/triton_red_: fused elementwise, norms, reductions).
+# Triton kernels (triton_poi_/triton_per_/triton_red_: fused elementwise, norms, reductions). cuDNN's
+# attention runs helper kernels beside its flash kernels (cudnn::fusion::compute_dot_do_o, dq conversion).
 KERNEL_CATEGORIES = (
-    ("attention", re.compile(r"flash|fmha|attention|attn", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|cudnn::fusion|dq_to_16bits", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|cublas|nvjet|xmma|wgmma|triton_tem|aten::(?:mm|bmm|addmm|linear)\b", re.I)),
     ("optimizer_ema", re.compile(r"adam|foreach|multi_tensor|optimizer", re.I)),
     ("inductor_fused", re.compile(r"^triton_", re.I)),

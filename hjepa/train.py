@@ -210,6 +210,11 @@ def set_up_torch(cfg, info, device):
 
 def wrap_for_training(model, cfg, info, device):
     """What runs the forward: the model, its DDP wrapper, compiled when hardware.compile is set."""
+    if info.enabled and cfg["hardware.compile"] and cfg["hardware.compile_mode"] == "reduce-overhead":
+        # Untested here: DDP's bucketed all-reduces inside recorded CUDA graphs. Refuse rather than risk a
+        # hang or silently wrong gradients on a multi-GPU run.
+        raise UserError("hardware.compile_mode=reduce-overhead (CUDA graphs) is measured on one GPU only; "
+                        "with hardware.distributed=1 use hardware.compile_mode=default")
     forward = model
     if info.enabled:
         forward = torch.nn.parallel.DistributedDataParallel(

@@ -65,8 +65,7 @@ class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D-dim tokens: a stride-p Conv2d's weights (timm's and I-JEPA's
     `patch_embed.proj`, so their checkpoints load as they are), applied as one matmul over flattened
     patches. Same products and sums as the convolution; on a GPU, cuDNN ran this 3-channel convolution
-    as an NHWC kernel behind a channel-padding pass, ~0.9 ms per call for ViT-S/16 at batch 256 on an
-    H200 (bench/device_check.py profile), where the matmul is 30 GFLOP (~0.05 ms at the card's rate)."""
+    as a slow NHWC kernel behind a channel-padding pass (README "GPU figures")."""
 
     def __init__(self, patch_size, embed_dim, in_chans=3):
         super().__init__()

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hjepa.checkpoint import architecture_differences
 from hjepa.errors import UserError
 from hjepa.model import ModelConfig, build_model, gather_target_blocks, level_cells, level_loss, pool_target_blocks
 from hjepa.vit import ARCHS, Attention, VisionTransformer, build_encoder
@@ -348,11 +349,21 @@ def test_level_heads_give_each_coarse_level_its_own_read_out_at_the_final_depth(
     out["loss"].backward()
     assert all(head.weight.grad.abs().sum() > 0 for head in model.level_heads.heads)
     assert "level_heads" in model.trainable_modules()
-    assert build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0], level_heads=True)).level_heads is None
+
+
+def test_a_checkpoint_written_before_a_model_key_existed_matches_the_default_architecture():
+    record = ModelConfig(**SMALL_MODEL).as_record()
+    older = {k: v for k, v in record.items() if k not in ("level_heads", "normalize_levels")}
+    assert architecture_differences(record, older) == []
+    assert architecture_differences(ModelConfig(**SMALL_MODEL, level_heads=True).as_record(), older) == [
+        "level_heads: run has True, checkpoint has False"]
+    with pytest.raises(UserError, match="unknown keys newer_key"):
+        architecture_differences(record, dict(record, newer_key=1))
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_levels=3, level_weights=[1.0, 0.5]), "level_weights"),
+    (dict(num_levels=1, level_weights=[1.0], level_heads=True), "level_heads"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[12]), "level_depths"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[0, 12]), "level_depths"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[13, 12]), "level_depths"),

@@ -9,6 +9,7 @@ def test_kernel_names_fall_into_their_kind_of_work():
     assert kernel_category("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "matmul"
     assert kernel_category("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
     assert kernel_category("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
+    assert kernel_category("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)") == "attention"
     assert kernel_category("triton_per_fused_native_layer_norm_0") == "inductor_fused"
     assert kernel_category("void at::native::(anonymous namespace)::fused_adamw_kernel") == "optimizer_ema"
     assert kernel_category("Memcpy HtoD (Pinned -> Device)") == "copy"

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -167,3 +168,9 @@ def test_logged_mfu_is_per_device_when_processes_share_the_images_per_second():
                                             num_devices=num_devices)["mfu"]
 
     assert logged_mfu(8) == pytest.approx(0.1) and logged_mfu(1) == pytest.approx(0.8)
+
+
+def test_cuda_graphs_under_ddp_are_refused_before_anything_is_wrapped():
+    cfg = {"hardware.compile": True, "hardware.compile_mode": "reduce-overhead"}
+    with pytest.raises(UserError, match="one GPU only"):
+        train_module.wrap_for_training(torch.nn.Linear(1, 1), cfg, SimpleNamespace(enabled=True), torch.device("cpu"))
