@@ -557,16 +557,15 @@ def print_table(results):
         for category, entry in profile["categories"].items():
             print(f"  {category:<20}{entry['ms_per_step']:>9.2f} ms {entry['share']:>7.1%}")
     variants = sections.get("variants", {})
-    for workers, window in variants.get("loader_fed_by_workers", {}).items():
-        print(f"loader-fed at {workers:>2} loader threads: {window['img_s']:>9,.0f} img/s, "
-              f"data-wait {window['data_wait_fraction']:.2%}")
-    long_epochs = variants.get("loader_fed_long_epochs")
-    if long_epochs:
-        print(f"loader-fed, epochs of {long_epochs['epoch_samples']:,} samples: {long_epochs['img_s']:>9,.0f} img/s, "
-              f"data-wait {long_epochs['data_wait_fraction']:.2%}")
-    for interval, window in variants.get("loader_fed_by_gil_switch_interval_ms", {}).items():
-        print(f"loader-fed at a GIL switch interval of {interval} ms: {window['img_s']:>9,.0f} img/s, "
-              f"data-wait {window['data_wait_fraction']:.2%}")
+    windows = [(f"{workers:>2} loader threads", window)
+               for workers, window in variants.get("loader_fed_by_workers", {}).items()]
+    if variants.get("loader_fed_long_epochs"):
+        long_epochs = variants["loader_fed_long_epochs"]
+        windows.append((f"epochs of {long_epochs['epoch_samples']:,} samples", long_epochs))
+    windows += [(f"GIL switch interval {interval} ms", window)
+                for interval, window in variants.get("loader_fed_by_gil_switch_interval_ms", {}).items()]
+    for label, window in windows:
+        print(f"loader-fed, {label:<32}{window['img_s']:>9,.0f} img/s, data-wait {window['data_wait_fraction']:.2%}")
     graphs = variants.get("other_compile_mode")
     if graphs:
         print(f"compile_mode={graphs['compile_mode']} (applied: {graphs['applied']}): "
