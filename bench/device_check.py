@@ -57,10 +57,11 @@ from hjepa.budgeted_run import BudgetedRun
 from hjepa.compile_stats import compilation_records, compile_log, compiled_graphs, cudagraph_skips
 from hjepa.config import load_config
 from hjepa.copy_race import check_device_copies, direct_copy
+from hjepa.device_report import TARGET_STD_FLOOR, TARGETS, print_table
 from hjepa.loaders import build_train_loader, images_to_device, normalize_images
 from hjepa.engine import autocast_dtype, build_optimizer, compile_forward, masks_to_device, train_step
 from hjepa.errors import UserError
-from hjepa.flops import datasheet_peak_tflops, mfu, train_flops_per_image
+from hjepa.flops import datasheet_peak_tflops, train_flops_per_image
 from hjepa.masks import sample_masks
 from hjepa.model import build_model
 from hjepa.runlog import cpu_model, git_commit
@@ -68,6 +69,8 @@ from hjepa.schedules import schedule_values
 from hjepa.sections import data_config, mask_config, model_config, optim_config
 from hjepa.sources import image_folder_samples
 from hjepa.step_profile import summarize_profile
+from hjepa.step_timing import (batches_forever, loader_fed_window, peak_memory_gib, reset_memory_stats, sync,
+                               timed_window)
 from hjepa.synthetic import write_photo_like_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,13 +92,6 @@ SMOKE = dict(config="rn_configs/cpu_demo.yaml", archs=("vit_micro", "vit_micro")
              compile_backend="eager",  # dynamo's graph capture and guards without minutes of inductor codegen
              min_seconds=dict.fromkeys(SECTIONS, 0))
 IN100_TRAIN_IMAGES = 126_689  # the ImageNet-100 train split (README)
-TARGETS = {"vit_small_img_s": 6000.0, "vit_base_img_s": 3200.0, "data_wait_fraction": 0.02,
-           "in100_100ep_minutes": 40.0}  # on one H100; README marks them as targets until measured
-# target_std (HJEPA.forward) is the std over the batch of layer-normed target features, which have unit
-# variance over their D dims per token (the smoke run's vit_micro shows 0.33-0.39); it goes to 0 when every
-# image maps to the same features. Target blocks sit at different positions in different images, so only a
-# collapse to position-independent constant features reaches 0: 0.05 flags that, with room for noise.
-TARGET_STD_FLOOR = 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,10 +125,6 @@ class Run(BudgetedRun):
     def config(self, arch, overrides=None):
         overrides = dict(self.size["overrides"], **{"model.arch": arch}, **(overrides or {}))
         return load_config([os.path.join(REPO_ROOT, self.size["config"])], overrides=overrides)
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,15 +161,6 @@ def train_loader(run, cfg):
     return run.kept["loader"]
 
 
-def batches_forever(loader, first_epoch=0):
-    """uint8 (B, 3, H, W) host batches, epoch after epoch; close() stops the loader's thread."""
-    epoch = first_epoch
-    while True:
-        for images, _, _ in loader.epoch(epoch):
-            yield images
-        epoch += 1
-
-
 def section_loader(run):
     loader = train_loader(run, run.config(run.size["archs"][0]))
     dtype = autocast_dtype(run.device, True) or torch.float32
@@ -190,7 +173,7 @@ def section_loader(run):
                     normalize_images(images, run.device, dtype)  # (B, 3, H, W) on the device
                 count += images.shape[0]
             epoch += 1
-        run.sync()
+        sync(run.device)
         return round(count / (time.perf_counter() - t0)), epoch
 
     t0 = time.perf_counter()
@@ -225,7 +208,7 @@ def section_copy_race(run):
 
 
 # ----------------------------------------------------------------------------------------------
-# train_vit_small, short_run, train_vit_base
+# train_vit_small, profile, short_run, variants, train_vit_base (timed windows: hjepa.step_timing)
 
 
 class Trainer:
@@ -259,47 +242,6 @@ class Trainer:
                           **(schedule or dict(lr=1e-4, weight_decay=0.05, momentum=0.996)), amp_dtype=self.amp_dtype)
 
 
-def reset_memory_stats(run):
-    if run.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(run.device)
-    return torch.cuda.memory_allocated(run.device) if run.device.type == "cuda" else 0
-
-
-def peak_memory_gib(run, baseline=0):
-    if run.device.type != "cuda":
-        return None
-    return round((torch.cuda.max_memory_allocated(run.device) - baseline) / 2**30, 2)
-
-
-def timed_window(run, trainer, next_images, steps, first_step, flops):
-    """Images/s, ms per step, data-wait fraction (time in next_images) and MFU over `steps` steps."""
-    wait = 0.0
-    run.sync()
-    t0 = time.perf_counter()
-    for step in range(first_step, first_step + steps):
-        t_fetch = time.perf_counter()
-        images = next_images()
-        wait += time.perf_counter() - t_fetch
-        out = trainer.step(step, images)
-    run.sync()  # the only sync in the window
-    elapsed = time.perf_counter() - t0
-    loss = float(out["loss"].detach())
-    img_s = steps * trainer.batch / elapsed
-    return dict(img_s=round(img_s, 1), step_ms=round(1000 * elapsed / steps, 2),
-                data_wait_fraction=round(wait / elapsed, 4), loss=loss,
-                mfu=round(mfu(img_s, flops, run.peak_tflops), 4) if run.peak_tflops else None)
-
-
-def loader_fed_window(run, trainer, loader, steps, first_step, flops):
-    source = batches_forever(loader)
-    next(source)  # start the loader's epoch thread before the window
-    try:
-        return timed_window(run, trainer, lambda: next(source), steps, first_step, flops)
-    finally:
-        source.close()
-
-
 def section_train(arch_index):
     def section(run):
         # An empty dynamo cache, as a training process starts with: both models run HJEPA.forward, and
@@ -309,14 +251,15 @@ def section_train(arch_index):
         if arch_index == 1:
             run.kept.pop("vit_small", None)  # the short run is done: free its memory
         cfg = run.config(run.size["archs"][arch_index])
-        memory0 = reset_memory_stats(run)
+        memory0 = reset_memory_stats(run.device)
         trainer = Trainer(run, cfg)
         if arch_index == 0:
             run.kept["vit_small"] = trainer  # the short run starts from its initial weights
-        log0, graphs0, skips0, flops = len(compilation_records()), compiled_graphs(), cudagraph_skips(), trainer.flops
+        log0, graphs0, skips0 = len(compilation_records()), compiled_graphs(), cudagraph_skips()
         run.record(arch=cfg["model.arch"], image_size=cfg["data.image_size"], patch_size=cfg["model.patch_size"],
                    batch_size=trainer.batch, amp=str(trainer.amp_dtype), compile_backend=run.size["compile_backend"],
-                   compile_mode=trainer.compile_mode, train_gflops_per_image=round(flops / 1e9, 2),
+                   compile_mode=trainer.compile_mode,
+                   train_gflops_per_image=round(trainer.flops / 1e9, 2),
                    peak_bf16_tflops=run.peak_tflops)
 
         # Warm-up on a device-resident batch, as the trainer's first steps go. Every input has the same
@@ -335,18 +278,18 @@ def section_train(arch_index):
                 new_graph_steps.append(step)
                 run.say(f"  warm-up, step {step}: {compiled_graphs() - graphs0} graphs compiled so far")
         step = run.size["warmup_steps"]
-        run.sync()
+        sync(run.device)
         run.record(warmup_steps=step, warmup_s=round(time.perf_counter() - t0, 1),
                    graphs_compiled_in_warmup=compiled_graphs() - graphs0, new_graph_steps=new_graph_steps,
                    compiles=compile_log(log0), cudagraph_skips=cudagraph_skips() - skips0)
 
         steps, graphs_warm = run.size["timed_steps"], compiled_graphs()
-        run.record(device_batch=timed_window(run, trainer, lambda: device_batch, steps, step, flops))
-        loader_fed = loader_fed_window(run, trainer, train_loader(run, cfg), steps, step + steps, flops)
+        run.record(device_batch=timed_window(trainer, lambda: device_batch, steps, step, run.peak_tflops))
+        loader_fed = loader_fed_window(trainer, train_loader(run, cfg), steps, step + steps, run.peak_tflops)
         steps_per_epoch = IN100_TRAIN_IMAGES // trainer.batch
         run.record(loader_fed=loader_fed, timed_steps=steps, recompiles_after_warmup=compiled_graphs() - graphs_warm,
                    compiles=compile_log(log0), graphs_compiled=compiled_graphs() - graphs0,
-                   peak_memory_gib=peak_memory_gib(run), peak_memory_above_start_gib=peak_memory_gib(run, memory0),
+                   peak_memory_gib=peak_memory_gib(run.device), peak_memory_above_start_gib=peak_memory_gib(run.device, memory0),
                    in100_100ep_minutes=round(100 * steps_per_epoch * loader_fed["step_ms"] / 60_000, 1))
         trainer.optimizer = None  # the short run makes its own
 
@@ -360,7 +303,7 @@ def section_short_run(run):
         trainer = Trainer(run, cfg)
     trainer.model.load_state_dict(trainer.initial_state)  # in place: the compiled graphs stay valid
     trainer.optimizer = trainer.new_optimizer()
-    reset_memory_stats(run)
+    reset_memory_stats(run.device)
     steps, optim = run.size["short_steps"], optim_config(cfg)
     warmup_steps = round(steps * optim.warmup_epochs / cfg["training.epochs"])  # the config's share
     losses, target_std = torch.empty(steps, device=run.device), torch.empty(steps, device=run.device)
@@ -377,7 +320,7 @@ def section_short_run(run):
             done = step + 1
     finally:
         source.close()
-    run.sync()
+    sync(run.device)
     seconds = time.perf_counter() - t0
     losses, target_std = losses[:done].cpu().tolist(), target_std[:done].cpu().tolist()
     window = max(1, done // 10)
@@ -387,7 +330,7 @@ def section_short_run(run):
                target_std_start=round(target_std[0], 4), target_std_end=round(target_std[-1], 4),
                target_std_min=round(min(target_std), 4), target_std_floor=TARGET_STD_FLOOR,
                all_finite=all(map(math.isfinite, losses)), img_s=round(done * trainer.batch / seconds, 1),
-               recompiles=compiled_graphs() - graphs0, peak_memory_gib=peak_memory_gib(run),
+               recompiles=compiled_graphs() - graphs0, peak_memory_gib=peak_memory_gib(run.device),
                passed=done == steps and loss_end < loss_start and min(target_std) > TARGET_STD_FLOOR)
 
 
@@ -402,18 +345,18 @@ def section_profile(run):
     first, steps = 100_000, run.size["profile_steps"]
     host_ms, wall_ms = [], []
     for step in range(first, first + steps):
-        run.sync()
+        sync(run.device)
         t0 = time.perf_counter()
         trainer.step(step, batch)
         host_ms.append(1000 * (time.perf_counter() - t0))
-        run.sync()
+        sync(run.device)
         wall_ms.append(1000 * (time.perf_counter() - t0))
     on_device = run.device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_device else [])
     with torch.profiler.profile(activities=activities) as prof:
         for step in range(first + steps, first + 2 * steps):
             trainer.step(step, batch)
-        run.sync()
+        sync(run.device)
     summary = summarize_profile(prof.key_averages(), steps, on_device)
     wall = float(np.median(wall_ms))
     timed = "CUDA kernels" if on_device else "CPU ops, self time"
@@ -439,12 +382,12 @@ def section_variants(run):
     cfg, steps, first = run.config(run.size["archs"][0]), run.size["timed_steps"], 200_000
     trainer.optimizer = trainer.new_optimizer()
     workers = run.args.num_workers or os.cpu_count()
-    by_workers = {workers: loader_fed_window(run, trainer, train_loader(run, cfg), steps, first, trainer.flops)}
+    by_workers = {workers: loader_fed_window(trainer, train_loader(run, cfg), steps, first, run.peak_tflops)}
     for count in fewer_workers(workers):
         loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
                                                         num_workers=count, in_memory=True, order="random", seed=0))
         try:
-            by_workers[count] = loader_fed_window(run, trainer, loader, steps, first, trainer.flops)
+            by_workers[count] = loader_fed_window(trainer, loader, steps, first, run.peak_tflops)
         finally:
             loader.close()
     run.record(loader_fed_by_workers={str(count): window for count, window in by_workers.items()})
@@ -455,7 +398,7 @@ def section_variants(run):
                                                     num_workers=workers, in_memory=True, order="random", seed=0,
                                                     epoch_samples=IN100_TRAIN_IMAGES))
     try:
-        window = loader_fed_window(run, trainer, loader, steps, first, trainer.flops)
+        window = loader_fed_window(trainer, loader, steps, first, run.peak_tflops)
     finally:
         loader.close()
     run.record(loader_fed_long_epochs=dict(epoch_samples=IN100_TRAIN_IMAGES, num_workers=workers, **window))
@@ -463,8 +406,8 @@ def section_variants(run):
     try:
         for interval in (default_interval, 0.001, 0.0002):
             sys.setswitchinterval(interval)
-            by_interval[f"{interval * 1000:g}"] = loader_fed_window(run, trainer, train_loader(run, cfg), steps, first,
-                                                                    trainer.flops)
+            by_interval[f"{interval * 1000:g}"] = loader_fed_window(trainer, train_loader(run, cfg), steps, first,
+                                                                    run.peak_tflops)
     finally:
         sys.setswitchinterval(default_interval)
     run.record(loader_fed_by_gil_switch_interval_ms=by_interval)
@@ -472,7 +415,7 @@ def section_variants(run):
     del trainer
 
     torch._dynamo.reset()
-    memory0 = reset_memory_stats(run)
+    memory0 = reset_memory_stats(run.device)
     other = "default" if configured == "reduce-overhead" else "reduce-overhead"
     trainer = Trainer(run, run.config(run.size["archs"][0], {"hardware.compile_mode": other}))
     log0, graphs0, skips0 = len(compilation_records()), compiled_graphs(), cudagraph_skips()
@@ -480,102 +423,23 @@ def section_variants(run):
     t0 = time.perf_counter()
     for step in range(warmup):
         trainer.step(step, batch)
-    run.sync()
+    sync(run.device)
     warmup_s, graphs_warm = time.perf_counter() - t0, compiled_graphs()
-    device_batch = timed_window(run, trainer, lambda: batch, steps, warmup, trainer.flops)
-    loader_fed = loader_fed_window(run, trainer, train_loader(run, cfg), steps, warmup + steps, trainer.flops)
+    device_batch = timed_window(trainer, lambda: batch, steps, warmup, run.peak_tflops)
+    loader_fed = loader_fed_window(trainer, train_loader(run, cfg), steps, warmup + steps, run.peak_tflops)
     run.record(other_compile_mode=dict(compile_mode=other, applied=run.size["compile_backend"] == "inductor",
                                        warmup_steps=warmup, warmup_s=round(warmup_s, 1),
                                        graphs_compiled_in_warmup=graphs_warm - graphs0,
                                        recompiles_after_warmup=compiled_graphs() - graphs_warm,
                                        compiles=compile_log(log0), cudagraph_skips=cudagraph_skips() - skips0,
                                        device_batch=device_batch, loader_fed=loader_fed,
-                                       peak_memory_above_start_gib=peak_memory_gib(run, memory0)))
+                                       peak_memory_above_start_gib=peak_memory_gib(run.device, memory0)))
 
 
 SECTION_FUNCTIONS = {"data": section_data, "loader": section_loader, "copy_race": section_copy_race,
                      "train_vit_small": section_train(0), "profile": section_profile, "short_run": section_short_run,
                      "variants": section_variants,
                      "train_vit_base": section_train(1)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-
-
-def print_table(results):
-    sections = results["sections"]
-
-    def get(path):
-        value = sections
-        for key in path.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
-        return value
-
-    def text(value, spec):
-        return "-" if value is None else f"{value:{spec}}" if isinstance(value, (int, float)) else str(value)
-
-    # (label, JSON path, format, target text, test of the value against the target)
-    rows = [("loader img/s, uint8 on the host", "loader.uint8_img_s", ",.0f", "", None),
-            ("loader img/s, normalised on the device", "loader.to_device_normalised_img_s", ",.0f", "", None)]
-    for name, goal in (("train_vit_small", TARGETS["vit_small_img_s"]), ("train_vit_base", TARGETS["vit_base_img_s"])):
-        label = get(f"{name}.arch") or name
-        rows += [(f"{label} img/s, GPU-resident batch", f"{name}.device_batch.img_s", ",.0f", f">= {goal:,.0f}",
-                  lambda v, goal=goal: v >= goal),
-                 (f"{label} img/s, fed by the loader", f"{name}.loader_fed.img_s", ",.0f", f">= {goal:,.0f}",
-                  lambda v, goal=goal: v >= goal),
-                 (f"{label} MFU, fed by the loader", f"{name}.loader_fed.mfu", ".1%", "", None),
-                 (f"{label} data-wait", f"{name}.loader_fed.data_wait_fraction", ".2%", "< 2%",
-                  lambda v: v < TARGETS["data_wait_fraction"]),
-                 (f"{label} graphs compiled in warm-up", f"{name}.graphs_compiled_in_warmup", "d", "", None),
-                 (f"{label} graphs compiled after warm-up", f"{name}.recompiles_after_warmup", "d", "0",
-                  lambda v: v == 0),
-                 (f"{label} peak memory, GiB", f"{name}.peak_memory_gib", ".2f", "", None)]
-    rows += [(f"ImageNet-100 x 100 epochs, {get('train_vit_small.arch') or 'vit_small'}, min",
-              "train_vit_small.in100_100ep_minutes", ".1f", "<= 40", lambda v: v <= TARGETS["in100_100ep_minutes"]),
-             ("copy race: batches whose checksums differ", "copy_race.mismatched_batches", "d", "0", lambda v: v == 0),
-             ("copy race: batches checked", "copy_race.steps", "d", ">= 500", None),
-             ("copy race: steps the host ran ahead, mean", "copy_race.host_lead_steps_mean", ".1f", "", None),
-             ("copy race control: direct copies that differ", "copy_race.direct_copy_control.mismatched_batches", "d",
-              "> 0 (CUDA)", None),
-             ("short run: mean loss, first 10% of steps", "short_run.loss_start", ".4f", "", None),
-             ("short run: mean loss, last 10% of steps", "short_run.loss_end", ".4f", "falls", None),
-             ("short run: lowest target_std", "short_run.target_std_min", ".4f", f"> {TARGET_STD_FLOOR}",
-              lambda v: v > TARGET_STD_FLOOR),
-             ("short run passed", "short_run.passed", "", "", None)]
-    print(f"\n{results['meta']['device']}, torch {results['meta']['torch']}")
-    print(f"{'figure':<46}{'value':>12}  {'target':<10}")
-    for label, path, spec, target, meets in rows:
-        value = get(path)
-        verdict = "" if meets is None or value is None else "meets" if meets(value) else "short"
-        print(f"{label:<46}{text(value, spec):>12}  {target:<10}{verdict}")
-    profile = sections.get("profile", {})
-    if profile.get("categories"):
-        print(f"\nwhere a {profile['arch']} step goes ({profile['timed']}): {profile['total_ms_per_step']:.1f} ms per "
-              f"step busy of {profile['wall_ms_per_step']:.1f} ms wall; the host queues it in "
-              f"{profile['host_queue_ms_per_step']:.1f} ms")
-        for category, entry in profile["categories"].items():
-            print(f"  {category:<20}{entry['ms_per_step']:>9.2f} ms {entry['share']:>7.1%}")
-    variants = sections.get("variants", {})
-    windows = [(f"{workers:>2} loader threads", window)
-               for workers, window in variants.get("loader_fed_by_workers", {}).items()]
-    if variants.get("loader_fed_long_epochs"):
-        long_epochs = variants["loader_fed_long_epochs"]
-        windows.append((f"epochs of {long_epochs['epoch_samples']:,} samples", long_epochs))
-    windows += [(f"GIL switch interval {interval} ms", window)
-                for interval, window in variants.get("loader_fed_by_gil_switch_interval_ms", {}).items()]
-    for label, window in windows:
-        print(f"loader-fed, {label:<32}{window['img_s']:>9,.0f} img/s, data-wait {window['data_wait_fraction']:.2%}")
-    graphs = variants.get("other_compile_mode")
-    if graphs:
-        print(f"compile_mode={graphs['compile_mode']} (applied: {graphs['applied']}): "
-              f"{graphs['device_batch']['img_s']:,.0f} img/s GPU-resident, {graphs['loader_fed']['img_s']:,.0f} "
-              f"loader-fed (data-wait {graphs['loader_fed']['data_wait_fraction']:.2%}), "
-              f"{graphs['recompiles_after_warmup']} graphs compiled after warm-up")
-    for name, entry in sections.items():
-        if entry.get("status") != "ok":
-            print(f"{name}: {entry.get('status')} {entry.get('error') or entry.get('reason') or ''}")
-    sys.stdout.flush()
 
 
 def parse_args(argv):
