@@ -194,6 +194,17 @@ def test_staged_copy_keeps_its_batch_after_the_loader_reuses_the_buffer(eval_loa
     assert torch.equal(staged, first)
 
 
+def test_batch_buffers_are_allocated_once_not_every_epoch(eval_loader):
+    # FFCV would allocate (and on CUDA pin) batches_ahead + 2 fresh batches at every epoch's start.
+    buffers = []
+    for epoch in range(3):
+        batches = eval_loader.epoch(epoch)
+        next(batches)
+        buffers.append(eval_loader._iterator.memory_allocations)  # kept alive: no address reuse by chance
+    assert buffers[0] is buffers[1] is buffers[2]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_batches(eval_loader, 0), epoch_batches(eval_loader, 1)))
+
+
 def test_beton_without_manifest_is_read_after_a_one_line_warning(tiny_beton, tmp_path, capsys):
     copy = str(tmp_path / "elsewhere.beton")  # as if written by FFCV's own writer: no manifest beside it
     shutil.copyfile(tiny_beton, copy)
