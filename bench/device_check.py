@@ -28,7 +28,7 @@ Sections, in order (data always runs; --sections picks among the others):
                    stay above a floor.
   variants         ViT-S alternatives timed the same way: the loader-fed window at fewer loader threads,
                    with epochs as long as ImageNet-100's (the 4,000-image beton starts an FFCV epoch
-                   every 15 steps) and at shorter GIL switch intervals, then the other
+                   every 15 steps) and with FFCV's fresh output buffers every epoch, then the other
                    hardware.compile_mode (default or reduce-overhead: CUDA graphs).
   train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilation costs the most.
 
@@ -372,8 +372,7 @@ def fewer_workers(workers):
 
 def section_variants(run):
     """ViT-S alternatives, timed as train_vit_small times them: the loader-fed window at fewer loader
-    threads and at shorter GIL switch intervals (FFCV's batch-assembling thread needs the GIL between
-    batches, and a busy main thread holds it up to sys.getswitchinterval() at a time), then a trainer
+    threads, with ImageNet-100-long epochs and with FFCV's per-epoch buffer allocation, then a trainer
     compiled in the other hardware.compile_mode (reduce-overhead: CUDA graphs; inductor only: with
     --smoke's eager backend no mode is applied)."""
     trainer = run.kept.pop("vit_small", None)
@@ -392,25 +391,22 @@ def section_variants(run):
             loader.close()
     run.record(loader_fed_by_workers={str(count): window for count, window in by_workers.items()})
     # The generated beton holds 4,000 images, 15 batches of 256: FFCV starts an epoch every 15 steps (a
-    # new thread, and the output buffers allocated again, pinned on CUDA), where ImageNet-100 starts one
-    # every 494. An epoch as long as ImageNet-100's, drawn with repetition, shows what that costs.
-    loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
-                                                    num_workers=workers, in_memory=True, order="random", seed=0,
-                                                    epoch_samples=IN100_TRAIN_IMAGES))
-    try:
-        window = loader_fed_window(trainer, loader, steps, first, run.peak_tflops)
-    finally:
-        loader.close()
-    run.record(loader_fed_long_epochs=dict(epoch_samples=IN100_TRAIN_IMAGES, num_workers=workers, **window))
-    default_interval, by_interval = sys.getswitchinterval(), {}
-    try:
-        for interval in (default_interval, 0.001, 0.0002):
-            sys.setswitchinterval(interval)
-            by_interval[f"{interval * 1000:g}"] = loader_fed_window(trainer, train_loader(run, cfg), steps, first,
-                                                                    run.peak_tflops)
-    finally:
-        sys.setswitchinterval(default_interval)
-    run.record(loader_fed_by_gil_switch_interval_ms=by_interval)
+    # new thread and first batch), where ImageNet-100 starts one every 494. An epoch as long as
+    # ImageNet-100's, drawn with repetition, shows what that costs; a loader given back FFCV's own
+    # allocation (fresh output buffers, pinned, at every epoch start) shows what allocating once saves.
+    long_epochs = dict(epoch_samples=IN100_TRAIN_IMAGES)
+    for name, overrides, fresh_buffers in (("loader_fed_long_epochs", long_epochs, False),
+                                           ("loader_fed_fresh_buffers_each_epoch", {}, True)):
+        loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
+                                                        num_workers=workers, in_memory=True, order="random", seed=0,
+                                                        **overrides))
+        if fresh_buffers:
+            del loader.loader.graph.allocate_memory  # hjepa.loaders' allocate-once wrapper: FFCV's method again
+        try:
+            window = loader_fed_window(trainer, loader, steps, first, run.peak_tflops)
+        finally:
+            loader.close()
+        run.record(**{name: dict(num_workers=workers, **overrides, **window)})
     configured = trainer.compile_mode
     del trainer
 

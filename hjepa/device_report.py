@@ -69,8 +69,8 @@ def print_table(results):
     if variants.get("loader_fed_long_epochs"):
         long_epochs = variants["loader_fed_long_epochs"]
         windows.append((f"epochs of {long_epochs['epoch_samples']:,} samples", long_epochs))
-    windows += [(f"GIL switch interval {interval} ms", window)
-                for interval, window in variants.get("loader_fed_by_gil_switch_interval_ms", {}).items()]
+    if variants.get("loader_fed_fresh_buffers_each_epoch"):
+        windows.append(("FFCV's fresh buffers every epoch", variants["loader_fed_fresh_buffers_each_epoch"]))
     for label, window in windows:
         print(f"loader-fed, {label:<32}{window['img_s']:>9,.0f} img/s, data-wait {window['data_wait_fraction']:.2%}")
     graphs = variants.get("other_compile_mode")
