@@ -237,6 +237,9 @@ def main(argv=None):
         load_config([args.config], argv=[*args.set.split(), *overrides])  # a typo fails now, not in run 7
     settings = {"config": args.config, "train": os.path.abspath(args.train), "val": os.path.abspath(args.val),
                 "set": args.set, "probe_set": args.probe_set}
+    # The runs start in the repository's folder: paths given relative to the caller's folder must not move.
+    for name in ("config", "train", "val", "out"):
+        setattr(args, name, os.path.abspath(getattr(args, name)))
 
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")

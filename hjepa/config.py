@@ -65,6 +65,9 @@ def _declare_sections(cfg):
                             default=True),
         level_heads=_p(Boolean(), "each level h>=1 predicts through its own linear head (else all levels "
                        "pool the one prediction; intermediate-depth levels always have a head)", default=False),
+        level_windows=_p(Choice("block", "grid"), "where level h's 2^h x 2^h windows lie: inside each target block, "
+                         "or on the patch grid with the whole window's mean as target (needs level_heads)",
+                         default="block"),
     )
     section("masking", "I-JEPA multi-block masks on the patch grid").params(
         num_targets=_p(Integer(1, 16), "target blocks per image", default=4),

@@ -9,6 +9,15 @@ hidden states; `level_heads` gives every level h >= 1 such a head at the final d
 levels then ask the predictor for a separate read-out rather than constraining the one per-patch
 prediction's window means).
 
+`level_windows` says where a level's windows lie. "block" (above): inside each target block, so a
+level-h target is the mean of the block's own patches, which level 0 already predicts one by one.
+"grid": 2^h x 2^h windows of the whole patch grid, and a cell's target is the mean over every patch
+of the window the block reaches into, masked or visible; each block token's head read-out is
+averaged per window, so the coarse levels ask for the gist of a region larger than the block (the
+top level of a deep enough hierarchy, a window as large as the grid, is the image's mean feature, the
+average-pooled representation a linear probe reads). Needs `level_heads`: one read-out cannot be both
+a patch and the mean of its window.
+
 Two choices make the levels' losses mean what their weights say (bench/hierarchy_levels.py):
 - Cells are weighted by their patch count. Blocks are rarely a multiple of the window, so edge
   cells are partial: over I-JEPA's 14 x 14 masks, 25% of blocks tile whole 2 x 2 windows and none
@@ -38,6 +47,7 @@ from hjepa.predictor import Predictor
 from hjepa.vit import INIT_STD, build_encoder, gather_tokens, trunc_normal_
 
 LOSSES = {"smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}  # both called with reduction="none"
+LEVEL_WINDOWS = ("block", "grid")
 LEVEL_NORM_EPS = 1e-5  # F.layer_norm's default, as on the level-0 targets
 
 
@@ -65,6 +75,30 @@ def level_cells(tgt_pos, level, grid_size):
     return (cell == torch.arange(num_cells, device=cell.device).unsqueeze(1)).float()  # (C, Nt)
 
 
+def grid_cells(level, grid_size, device=None):
+    """(C, N) float 0/1: which of the grid's N patches (row-major) lie in each 2^level x 2^level window
+    of the patch grid; windows at the right and bottom edges may be partial."""
+    rows = torch.arange(grid_size[0], device=device).repeat_interleave(grid_size[1])
+    cols = torch.arange(grid_size[1], device=device).repeat(grid_size[0])
+    positions = torch.stack([rows, cols], dim=-1)  # (N, 2)
+    return level_cells(positions, level, grid_size)
+
+
+def block_grid_cells(tgt_idx, tgt_valid, level, grid_size):
+    """(T*B, C, Nt) float 0/1: which grid window (grid_cells numbering) each real target token lies in.
+
+    tgt_idx (T, B, Nt) patch indices on the grid, target-major like the predictor's output; tgt_valid
+    (Nt,) False for padding (in no window). Row sums are the block's patches per window.
+    """
+    window = 2 ** level
+    cells_per_row = -(-grid_size[1] // window)
+    num_cells = -(-grid_size[0] // window) * cells_per_row
+    idx = tgt_idx.reshape(-1, tgt_idx.shape[-1])  # (T*B, Nt)
+    cell = (idx // grid_size[1] // window) * cells_per_row + (idx % grid_size[1]) // window
+    cell = torch.where(tgt_valid, cell, -1)
+    return (cell.unsqueeze(1) == torch.arange(num_cells, device=idx.device).view(1, -1, 1)).float()
+
+
 def pool_target_blocks(z, cells):
     """Mean of (T*B, Nt, D) block tokens over each cell of cells (C, Nt) -> (T*B, C, D); empty cells 0.
 
@@ -73,16 +107,18 @@ def pool_target_blocks(z, cells):
     In float32 even under bf16 autocast (which would round the fp32 targets to 8 mantissa bits); the
     matmul is tiny next to the predictor's.
     """
-    counts = cells.sum(dim=1).clamp(min=1)  # (C,)
+    counts = cells.sum(dim=-1).clamp(min=1)  # (C,), or (T*B, C) for per-block cells (block_grid_cells)
     with torch.autocast(z.device.type, enabled=False):
+        if cells.dim() == 3:
+            return torch.einsum("kcn,knd->kcd", cells, z.float()) / counts.unsqueeze(-1)
         return torch.einsum("cn,bnd->bcd", cells, z.float()) / counts.unsqueeze(-1)
 
 
 def level_loss(prediction, target, cell_weights, loss_fn, normalize):
     """Patch-count-weighted mean over cells of the per-cell loss (mean over D).
 
-    prediction, target (T*B, C, D); cell_weights (C,) patches per cell (0 for empty cells and
-    padding). With normalize, both are shifted and divided by the target cell's mean and std over D
+    prediction, target (T*B, C, D); cell_weights (C,) or (T*B, C) patches per cell (0 for empty
+    cells and padding). With normalize, both are shifted and divided by the target cell's mean and std over D
     (the target becomes its layer_norm). With one weight per real token this is F.<loss>(prediction,
     target) over the real tokens, I-JEPA's loss.
     """
@@ -91,7 +127,8 @@ def level_loss(prediction, target, cell_weights, loss_fn, normalize):
         std = (target.var(dim=-1, correction=0, keepdim=True) + LEVEL_NORM_EPS).sqrt()
         prediction, target = (prediction - mean) / std, (target - mean) / std
     per_cell = loss_fn(prediction, target, reduction="none").mean(dim=-1)  # (T*B, C)
-    return (per_cell * cell_weights).sum() / (cell_weights.sum() * per_cell.shape[0])
+    cell_weights = cell_weights.expand_as(per_cell)
+    return (per_cell * cell_weights).sum() / cell_weights.sum()
 
 
 def std_across_batch(z, batch_size, token_weights):
@@ -121,7 +158,7 @@ class LevelHeads(nn.Module):
 
 class HJEPA(nn.Module):
     def __init__(self, context_encoder, predictor, *, level_weights, level_depths, loss, level_heads=None,
-                 normalize_levels=True):
+                 normalize_levels=True, level_windows="block"):
         super().__init__()
         self.context_encoder = context_encoder
         self.target_encoder = copy.deepcopy(context_encoder)
@@ -136,6 +173,7 @@ class HJEPA(nn.Module):
         self.level_depths = list(level_depths)  # 1-based target-encoder block per level
         self.loss_name = loss
         self.normalize_levels = normalize_levels
+        self.level_windows = level_windows
         self.config, self.model_config = None, {}  # filled by build_model
 
     @property
@@ -149,7 +187,12 @@ class HJEPA(nn.Module):
 
     @torch.no_grad()
     def target_features(self, images, tgt_idx):
-        """{depth: layer-normed target-encoder features at the target blocks (T*B, Nt, D)}.
+        """{depth: layer-normed target-encoder features at the target blocks (T*B, Nt, D)}."""
+        return {d: gather_target_blocks(h, tgt_idx) for d, h in self.target_grid_features(images).items()}
+
+    @torch.no_grad()
+    def target_grid_features(self, images):
+        """{depth: layer-normed target-encoder features of every patch (B, N, D)}.
 
         The final depth is the encoder output after its own norm, then layer_norm without affine over
         D, exactly I-JEPA's `F.layer_norm(target_encoder(imgs), (D,))`; intermediate depths layer-norm
@@ -162,7 +205,7 @@ class HJEPA(nn.Module):
             blocks = encoder.forward_blocks(images)  # depth x (B, N, D)
             outputs = {d: blocks[d - 1] for d in self.level_depths}
             outputs[encoder.depth] = encoder.norm(blocks[-1])  # always present: the collapse monitor reads it
-        return {d: gather_target_blocks(F.layer_norm(h, h.shape[-1:]), tgt_idx) for d, h in outputs.items()}
+        return {d: F.layer_norm(h, h.shape[-1:]) for d, h in outputs.items()}
 
     def forward(self, images, ctx_idx, tgt_idx, tgt_pos):
         """images (B, 3, H, W) normalised; ctx_idx (B, Nc); tgt_idx (T, B, Nt); tgt_pos (Nt, 2) the
@@ -178,7 +221,8 @@ class HJEPA(nn.Module):
         tgt_valid = tgt_pos[:, 0] >= 0  # (Nt,) False for padding
 
         # 1. targets (no grad): layer-normed target-encoder features at every target block
-        z_tgt = self.target_features(images, tgt_idx)  # {depth: (T*B, Nt, D)}
+        z_grid = self.target_grid_features(images)  # {depth: (B, N, D)}
+        z_tgt = {d: gather_target_blocks(h, tgt_idx) for d, h in z_grid.items()}  # {depth: (T*B, Nt, D)}
 
         # 2. predict: encode the context tokens only, then every target block in one predictor call
         z_ctx = self.context_encoder(images, ctx_idx)  # (B, Nc, D)
@@ -197,6 +241,14 @@ class HJEPA(nn.Module):
             prediction, target = head_preds.get(level, z_pred), z_tgt[depth]
             if level == 0:  # every real token its own cell: I-JEPA's loss exactly
                 level_losses.append(level_loss(prediction, target, token_weights, loss_fn, normalize=False))
+                continue
+            if self.level_windows == "grid":  # the block's tokens per window vs the whole window's mean
+                cells = block_grid_cells(tgt_idx, tgt_valid, level, self.grid_size)  # (T*B, C, Nt)
+                windows = grid_cells(level, self.grid_size, tgt_idx.device)  # (C, N)
+                target = pool_target_blocks(z_grid[depth], windows)  # (B, C, D)
+                target = target.unsqueeze(0).expand(num_targets, *target.shape).flatten(0, 1)  # (T*B, C, D)
+                level_losses.append(level_loss(pool_target_blocks(prediction, cells), target, cells.sum(dim=-1),
+                                               loss_fn, normalize=self.normalize_levels))
                 continue
             cells = level_cells(tgt_pos, level, self.grid_size)  # (C, Nt)
             level_losses.append(level_loss(pool_target_blocks(prediction, cells), pool_target_blocks(target, cells),
@@ -263,6 +315,7 @@ class ModelConfig:
     drop_path: float = 0.0            # stochastic depth of the context encoder
     normalize_levels: bool = True     # layer-norm each pooled level >= 1 target
     level_heads: bool = False         # levels >= 1 predict through their own linear heads
+    level_windows: str = "block"      # "block": windows inside each target block; "grid": on the patch grid
 
     def __post_init__(self):
         # Lists from YAML, JSON or a checkpoint become tuples: the config stays hashable and comparable.
@@ -281,6 +334,11 @@ class ModelConfig:
         if self.level_heads and self.num_levels < 2:
             raise UserError("model.level_heads gives levels >= 1 their own heads; with model.num_levels=1 "
                             "there are none")
+        if self.level_windows not in LEVEL_WINDOWS:
+            raise UserError(f"model.level_windows {self.level_windows!r} is not one of {', '.join(LEVEL_WINDOWS)}")
+        if self.level_windows == "grid" and not self.level_heads:
+            raise UserError("model.level_windows=grid needs model.level_heads=1: one read-out per patch cannot "
+                            "be both the patch's target and the mean of its window")
         if self.loss not in LOSSES:
             raise UserError(f"model.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 
@@ -311,7 +369,8 @@ def build_model(config):
     level_heads = (LevelHeads(head_levels, config.predictor_embed_dim, context_encoder.embed_dim)
                    if head_levels else None)
     model = HJEPA(context_encoder, predictor, level_weights=config.level_weights, level_depths=depths,
-                  loss=config.loss, level_heads=level_heads, normalize_levels=config.normalize_levels)
+                  loss=config.loss, level_heads=level_heads, normalize_levels=config.normalize_levels,
+                  level_windows=config.level_windows)
     model.config = config
     model.model_config = config.as_record()
     return model

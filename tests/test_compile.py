@@ -23,20 +23,22 @@ def fresh_dynamo():
     torch.set_num_threads(previous)
 
 
-def tiny_model(level_depths):
+def tiny_model(level_depths, level_windows="block"):
     """A 16-wide, 2-block H-JEPA on 14 x 14 one-pixel patches: the grid of the default masks at a
-    fraction of vit_micro's cost (200 steps in a few seconds)."""
+    fraction of vit_micro's cost (200 steps in a few seconds). Grid windows give levels 1 and 2 heads."""
     encoder = VisionTransformer(image_size=14, patch_size=1, embed_dim=16, depth=2, num_heads=2)
     predictor = Predictor(grid_size=14, embed_dim=16, predictor_embed_dim=16, depth=1, num_heads=2)
-    head_levels = [level for level, depth in enumerate(level_depths) if depth != encoder.depth]
+    head_levels = [level for level, depth in enumerate(level_depths)
+                   if depth != encoder.depth or (level_windows == "grid" and level >= 1)]
     return HJEPA(encoder, predictor, level_weights=[1.0, 0.5, 0.25], level_depths=level_depths, loss="smooth_l1",
-                 level_heads=LevelHeads(head_levels, 16, 16) if head_levels else None)
+                 level_heads=LevelHeads(head_levels, 16, 16) if head_levels else None, level_windows=level_windows)
 
 
-@pytest.mark.parametrize("level_depths", [[2, 2, 2], [1, 2, 2]], ids=["final-block targets", "with a level head"])
-def test_compiled_train_step_compiles_once_over_200_steps_of_default_masks(level_depths):
+@pytest.mark.parametrize("level_depths,level_windows", [([2, 2, 2], "block"), ([1, 2, 2], "block"), ([2, 2, 2], "grid")],
+                         ids=["final-block targets", "with a level head", "grid windows"])
+def test_compiled_train_step_compiles_once_over_200_steps_of_default_masks(level_depths, level_windows):
     torch.manual_seed(0)
-    model = tiny_model(level_depths)
+    model = tiny_model(level_depths, level_windows)
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     compiled_at = []  # the step of every graph Dynamo hands to the backend
 

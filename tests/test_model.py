@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from hjepa.checkpoint import architecture_differences
 from hjepa.errors import UserError
-from hjepa.model import ModelConfig, build_model, gather_target_blocks, level_cells, level_loss, pool_target_blocks
+from hjepa.model import (ModelConfig, block_grid_cells, build_model, gather_target_blocks, grid_cells, level_cells,
+                         level_loss, pool_target_blocks)
 from hjepa.vit import ARCHS, Attention, VisionTransformer, build_encoder
 
 SMALL_MODEL = dict(arch="vit_tiny", patch_size=8, image_size=32, predictor_embed_dim=64, predictor_depth=2,
@@ -351,6 +352,48 @@ def test_level_heads_give_each_coarse_level_its_own_read_out_at_the_final_depth(
     assert "level_heads" in model.trainable_modules()
 
 
+def test_grid_windows_average_every_patch_of_the_window_the_block_reaches_into():
+    # A 2 x 2 block at rows 1-2, cols 1-2 of a 4 x 4 grid (patches 5, 6, 9, 10), feature = patch index:
+    # at level 1 each block patch lies in a different 2 x 2 window, whose target is the whole window's mean.
+    features = torch.arange(16.0).reshape(1, 16, 1)
+    windows = grid_cells(1, (4, 4))
+    assert pool_target_blocks(features, windows)[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    tgt_idx = torch.tensor([5, 6, 9, 10, 5]).reshape(1, 1, 5)  # the last token is padding
+    valid = torch.tensor([True, True, True, True, False])
+    cells = block_grid_cells(tgt_idx, valid, 1, (4, 4))  # (1, 4, 5)
+    assert cells[0].tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0]]
+    # A window as large as the grid has one cell: the image's mean feature.
+    assert pool_target_blocks(features, grid_cells(2, (4, 4)))[0, :, 0].tolist() == [7.5]
+    assert block_grid_cells(tgt_idx, valid, 2, (4, 4))[0].tolist() == [[1, 1, 1, 1, 0]]
+
+
+def test_grid_window_loss_is_zero_when_the_block_predicts_its_windows_means():
+    torch.manual_seed(0)
+    features = torch.randn(1, 16, 8)
+    tgt_idx, valid = torch.tensor([[[4, 5, 8, 9, 12, 13]]]), torch.ones(6, dtype=torch.bool)  # 3 x 2 block
+    cells = block_grid_cells(tgt_idx, valid, 1, (4, 4))
+    target = pool_target_blocks(features, grid_cells(1, (4, 4)))  # (1, 4, 8)
+    window_of_token = cells[0].argmax(dim=0)  # (6,)
+    prediction = target[0, window_of_token].unsqueeze(0)  # each token predicts its window's mean
+    loss = level_loss(pool_target_blocks(prediction, cells), target, cells.sum(dim=-1), F.mse_loss, normalize=True)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    assert cells.sum(dim=-1).tolist() == [[2, 0, 4, 0]]  # the block's patches per window weigh its cells
+
+
+def test_grid_windows_train_the_level_heads_and_differ_from_block_windows():
+    torch.manual_seed(0)
+    config = dict(SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25], level_heads=True)
+    grid_model = build_model(ModelConfig(**config, level_windows="grid"))
+    block_model = build_model(ModelConfig(**config))
+    block_model.load_state_dict(grid_model.state_dict())
+    batch = make_batch(tgt_shape=(2, 2))
+    grid_out, block_out = grid_model(*batch), block_model(*batch)
+    torch.testing.assert_close(grid_out["level_losses"][0], block_out["level_losses"][0])  # level 0 is I-JEPA's
+    assert not torch.allclose(grid_out["level_losses"][1:], block_out["level_losses"][1:])
+    grid_out["loss"].backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in grid_model.level_heads.heads)
+
+
 def test_a_checkpoint_written_before_a_model_key_existed_matches_the_default_architecture():
     record = ModelConfig(**SMALL_MODEL).as_record()
     older = {k: v for k, v in record.items() if k not in ("level_heads", "normalize_levels")}
@@ -368,6 +411,8 @@ def test_a_checkpoint_written_before_a_model_key_existed_matches_the_default_arc
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[0, 12]), "level_depths"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[13, 12]), "level_depths"),
     (dict(num_levels=1, level_weights=[1.0], loss="l1"), "loss"),
+    (dict(num_levels=2, level_weights=[1.0, 0.5], level_windows="grid"), "level_heads"),
+    (dict(num_levels=2, level_weights=[1.0, 0.5], level_windows="image", level_heads=True), "level_windows"),
 ])
 def test_inconsistent_level_settings_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
