@@ -104,8 +104,9 @@ def _declare_sections(cfg):
         device=_p(Choice("auto", "cpu", "cuda"), "auto = cuda when present", default="auto"),
         distributed=_p(Boolean(), "torch.distributed via torchrun (NCCL on GPU, gloo on CPU)", default=False),
         compile=_p(Boolean(), "torch.compile the model", default=False),
-        compile_mode=_p(Choice("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                        "torch.compile mode; reduce-overhead replays the step as CUDA graphs", default="default"),
+        compile_mode=_p(Choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        "torch.compile mode; reduce-overhead replays the step as CUDA graphs, max-autotune also "
+                        "benchmarks kernel choices (matmul epilogue fusion) while compiling", default="default"),
         bf16=_p(Boolean(), "bf16 autocast on CUDA (always fp32 on CPU)", default=True),
         peak_tflops=_p(Number(0.0), "one accelerator's peak dense TFLOP/s, for MFU per device (A100 bf16: 312)", default=312.0),
         num_threads=_p(Integer(0), "torch intra-op threads (CPU training), 0 = all cores", default=0),

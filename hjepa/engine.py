@@ -23,10 +23,14 @@ def autocast_dtype(device, bf16):
     return torch.bfloat16 if (device.type == "cuda" and bf16) else None
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # hardware.compile_mode values that record CUDA graphs
+
+
 def compile_forward(forward, mode="default", backend="inductor"):
     """torch.compile(forward) in hardware.compile_mode. "reduce-overhead" records the compiled forward
     and backward as CUDA graphs and replays them (launch overhead gone; inputs are copied into static
-    buffers); "max-autotune-no-cudagraphs" benchmarks kernel choices while compiling (minutes).
+    buffers); "max-autotune-no-cudagraphs" benchmarks kernel choices while compiling (minutes), among
+    them Triton matmuls with the next elementwise op fused into their epilogue; "max-autotune" does both.
     A mode is inductor's: other backends (the tests' "eager") ignore it."""
     mode = None if mode == "default" or backend != "inductor" else mode
     return torch.compile(forward, backend=backend, mode=mode)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from hjepa import checkpoint as ckpt_io
 from hjepa.config import config_as_dict, config_from_cli, format_config, save_config
 from hjepa.loaders import build_eval_loader, build_train_loader, normalize_images
-from hjepa.engine import autocast_dtype, build_optimizer, compile_forward, masks_to_device, train_step
+from hjepa.engine import CUDA_GRAPH_MODES, autocast_dtype, build_optimizer, compile_forward, masks_to_device, train_step
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.flops import mfu, train_flops_per_image
 from hjepa.masks import MaskConfig, sample_masks
@@ -210,11 +210,11 @@ def set_up_torch(cfg, info, device):
 
 def wrap_for_training(model, cfg, info, device):
     """What runs the forward: the model, its DDP wrapper, compiled when hardware.compile is set."""
-    if info.enabled and cfg["hardware.compile"] and cfg["hardware.compile_mode"] == "reduce-overhead":
+    if info.enabled and cfg["hardware.compile"] and cfg["hardware.compile_mode"] in CUDA_GRAPH_MODES:
         # Untested here: DDP's bucketed all-reduces inside recorded CUDA graphs. Refuse rather than risk a
         # hang or silently wrong gradients on a multi-GPU run.
-        raise UserError("hardware.compile_mode=reduce-overhead (CUDA graphs) is measured on one GPU only; "
-                        "with hardware.distributed=1 use hardware.compile_mode=default")
+        raise UserError(f"hardware.compile_mode={cfg['hardware.compile_mode']} (CUDA graphs) is measured on one GPU "
+                        "only; with hardware.distributed=1 use default or max-autotune-no-cudagraphs")
     forward = model
     if info.enabled:
         forward = torch.nn.parallel.DistributedDataParallel(

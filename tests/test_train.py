@@ -170,7 +170,8 @@ def test_logged_mfu_is_per_device_when_processes_share_the_images_per_second():
     assert logged_mfu(8) == pytest.approx(0.1) and logged_mfu(1) == pytest.approx(0.8)
 
 
-def test_cuda_graphs_under_ddp_are_refused_before_anything_is_wrapped():
-    cfg = {"hardware.compile": True, "hardware.compile_mode": "reduce-overhead"}
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graphs_under_ddp_are_refused_before_anything_is_wrapped(mode):
+    cfg = {"hardware.compile": True, "hardware.compile_mode": mode}
     with pytest.raises(UserError, match="one GPU only"):
         train_module.wrap_for_training(torch.nn.Linear(1, 1), cfg, SimpleNamespace(enabled=True), torch.device("cpu"))
