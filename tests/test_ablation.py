@@ -1,11 +1,15 @@
-"""bench/ablation.py's bookkeeping: what a rerun skips, what it refuses to mix, how seeds are summarised."""
+"""bench/ablation.py: what a rerun skips, what it refuses to mix, how seeds are summarised, and one real run."""
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 from conftest import REPO_ROOT
+from hjepa.beton import manifest_path
 from hjepa.errors import UserError
 
 _spec = importlib.util.spec_from_file_location("ablation", os.path.join(REPO_ROOT, "bench", "ablation.py"))
@@ -78,3 +82,26 @@ def test_the_shipped_recipe_screen_is_valid_overrides_of_the_cpu_recipe():
     assert len(variants) == 6
     for overrides in variants.values():
         load_config([os.path.join(REPO_ROOT, "rn_configs", "cpu_demo.yaml")], argv=overrides)  # raises on a typo
+
+
+def test_the_command_trains_probes_and_records_from_relative_paths(tiny_beton, tmp_path):
+    # Run from the caller's folder with relative paths, as a user would: the runs start in the
+    # repository's folder, so the paths must be resolved before they do.
+    shutil.copyfile(tiny_beton, tmp_path / "tiny.beton")
+    shutil.copyfile(manifest_path(tiny_beton), manifest_path(str(tmp_path / "tiny.beton")))
+    tiny = ("--set=--training.epochs=1 --training.max_steps=2 --data.batch_size=16 --data.image_size=32 "
+            "--model.patch_size=8 --masking.min_keep=2")
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "bench", "ablation.py"), "--config",
+         os.path.relpath(os.path.join(REPO_ROOT, "rn_configs", "cpu_demo.yaml"), tmp_path),
+         "--train", "tiny.beton", "--val", "tiny.beton", "--out", "out", "--seeds", "0",
+         "--variant", "1 level=--model.num_levels=1 --model.level_weights=1.0", tiny,
+         "--probe-set=--eval.epochs=1 --eval.min_steps=1", "--no-progress",
+         "--speed-set=--hardware.num_threads=1 --data.num_workers=1 --eval.num_workers=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(tmp_path / "out" / "results.json") as f:
+        runs = json.load(f)["runs"]
+    assert sorted(runs) == sorted([ablation.result_key("1 level", 0), ablation.result_key(ablation.RANDOM_INIT, 0)])
+    assert all(0 <= run["top1"] <= 100 for run in runs.values())
+    assert (tmp_path / "out" / "ablation.png").is_file()
