@@ -68,6 +68,10 @@ def _declare_sections(cfg):
         level_windows=_p(Choice("block", "grid"), "where level h's 2^h x 2^h windows lie: inside each target block, "
                          "or on the patch grid with the whole window's mean as target (needs level_heads)",
                          default="block"),
+        var_weight=_p(Number(0.0), "weight of VICReg's variance term (std >= 1 per dim over the batch) on each "
+                      "image's mean context embedding; 0 = off (I-JEPA)", default=0.0),
+        cov_weight=_p(Number(0.0), "weight of VICReg's covariance term (squared off-diagonal covariances / D) on "
+                      "the same embeddings; 0 = off", default=0.0),
     )
     section("masking", "I-JEPA multi-block masks on the patch grid").params(
         num_targets=_p(Integer(1, 16), "target blocks per image", default=4),

@@ -131,6 +131,19 @@ def level_loss(prediction, target, cell_weights, loss_fn, normalize):
     return (per_cell * cell_weights).sum() / cell_weights.sum()
 
 
+def variance_covariance(x, eps=1e-4):
+    """VICReg's two regularisers of a batch of embeddings x (B, D): the mean over dims of
+    relu(1 - std), std over the batch (a dim that stops varying across images is pushed back), and the
+    sum of squared off-diagonal covariances over D (dims that carry the same information are pushed
+    apart). In float32."""
+    x = x.float()
+    x = x - x.mean(dim=0)
+    std = (x.var(dim=0) + eps).sqrt()  # (D,)
+    cov = x.T @ x / (x.shape[0] - 1)  # (D, D)
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    return torch.relu(1.0 - std).mean(), off_diagonal.pow(2).sum() / x.shape[1]
+
+
 def std_across_batch(z, batch_size, token_weights):
     """Collapse monitor: std over images of (T*B, Nt, D) features, averaged over targets, dims and the
     tokens with weight 1 in token_weights (Nt,) (padding has weight 0)."""
@@ -158,7 +171,7 @@ class LevelHeads(nn.Module):
 
 class HJEPA(nn.Module):
     def __init__(self, context_encoder, predictor, *, level_weights, level_depths, loss, level_heads=None,
-                 normalize_levels=True, level_windows="block"):
+                 normalize_levels=True, level_windows="block", var_weight=0.0, cov_weight=0.0):
         super().__init__()
         self.context_encoder = context_encoder
         self.target_encoder = copy.deepcopy(context_encoder)
@@ -174,6 +187,7 @@ class HJEPA(nn.Module):
         self.loss_name = loss
         self.normalize_levels = normalize_levels
         self.level_windows = level_windows
+        self.var_weight, self.cov_weight = var_weight, cov_weight
         self.config, self.model_config = None, {}  # filled by build_model
 
     @property
@@ -255,6 +269,9 @@ class HJEPA(nn.Module):
                                            cells.sum(dim=1), loss_fn, normalize=self.normalize_levels))
         level_losses = torch.stack(level_losses)  # (L,)
         loss = (level_losses * self.level_weight_tensor).sum()
+        if self.var_weight or self.cov_weight:  # on the mean context embedding of each image (this rank's batch)
+            variance, covariance = variance_covariance(z_ctx.mean(dim=1))
+            loss = loss + self.var_weight * variance + self.cov_weight * covariance
 
         final_depth = self.target_encoder.depth
         return dict(loss=loss, level_losses=level_losses.detach(),
@@ -316,6 +333,8 @@ class ModelConfig:
     normalize_levels: bool = True     # layer-norm each pooled level >= 1 target
     level_heads: bool = False         # levels >= 1 predict through their own linear heads
     level_windows: str = "block"      # "block": windows inside each target block; "grid": on the patch grid
+    var_weight: float = 0.0           # VICReg variance term on the mean context embedding per image
+    cov_weight: float = 0.0           # VICReg covariance term, likewise
 
     def __post_init__(self):
         # Lists from YAML, JSON or a checkpoint become tuples: the config stays hashable and comparable.
@@ -370,7 +389,8 @@ def build_model(config):
                    if head_levels else None)
     model = HJEPA(context_encoder, predictor, level_weights=config.level_weights, level_depths=depths,
                   loss=config.loss, level_heads=level_heads, normalize_levels=config.normalize_levels,
-                  level_windows=config.level_windows)
+                  level_windows=config.level_windows, var_weight=config.var_weight,
+                  cov_weight=config.cov_weight)
     model.config = config
     model.model_config = config.as_record()
     return model
