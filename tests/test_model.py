@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hjepa.checkpoint import architecture_differences
 from hjepa.errors import UserError
 from hjepa.model import (ModelConfig, block_grid_cells, build_model, gather_target_blocks, grid_cells, level_cells,
-                         level_loss, pool_target_blocks)
+                         level_loss, pool_target_blocks, variance_covariance)
 from hjepa.vit import ARCHS, Attention, VisionTransformer, build_encoder
 
 SMALL_MODEL = dict(arch="vit_tiny", patch_size=8, image_size=32, predictor_embed_dim=64, predictor_depth=2,
@@ -392,6 +392,31 @@ def test_grid_windows_train_the_level_heads_and_differ_from_block_windows():
     assert not torch.allclose(grid_out["level_losses"][1:], block_out["level_losses"][1:])
     grid_out["loss"].backward()
     assert all(head.weight.grad.abs().sum() > 0 for head in grid_model.level_heads.heads)
+
+
+def test_variance_term_pushes_only_dims_whose_std_is_below_one():
+    # dim 0: std sqrt(2) over the batch, no penalty; dim 1: constant, std sqrt(eps) = 0.01, penalty 0.99
+    variance, covariance = variance_covariance(torch.tensor([[1.0, 3.0], [-1.0, 3.0]]))
+    assert variance.item() == pytest.approx(0.99 / 2)
+    assert covariance.item() == pytest.approx(0.0)
+
+
+def test_covariance_term_is_the_squared_off_diagonal_covariance_over_dims():
+    # Two identical dims: covariance matrix [[2, 2], [2, 2]], off-diagonal squares 4 + 4, over D = 2
+    variance, covariance = variance_covariance(torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))
+    assert covariance.item() == pytest.approx(4.0)
+    assert variance.item() == pytest.approx(0.0)
+
+
+def test_variance_covariance_weights_add_their_terms_on_the_mean_context_embedding():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL_MODEL, num_levels=2, level_weights=[1.0, 0.5], var_weight=2.0,
+                                    cov_weight=0.5))
+    images, ctx_idx, tgt_idx, tgt_pos = batch = make_batch(batch_size=4)
+    out = model(*batch)
+    variance, covariance = variance_covariance(model.context_encoder(images, ctx_idx).mean(dim=1))
+    levels = out["level_losses"] @ torch.tensor([1.0, 0.5])
+    torch.testing.assert_close(out["loss"].detach(), levels + 2.0 * variance.detach() + 0.5 * covariance.detach())
 
 
 def test_a_checkpoint_written_before_a_model_key_existed_matches_the_default_architecture():
