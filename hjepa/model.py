@@ -18,6 +18,9 @@ top level of a deep enough hierarchy, a window as large as the grid, is the imag
 average-pooled representation a linear probe reads). Needs `level_heads`: one read-out cannot be both
 a patch and the mean of its window.
 
+`var_weight` / `cov_weight` add VICReg's variance and covariance terms (`variance_covariance`) on each
+image's mean context embedding: an option for recipes, off by default (I-JEPA has neither).
+
 Two choices make the levels' losses mean what their weights say (bench/hierarchy_levels.py):
 - Cells are weighted by their patch count. Blocks are rarely a multiple of the window, so edge
   cells are partial: over I-JEPA's 14 x 14 masks, 25% of blocks tile whole 2 x 2 windows and none
