@@ -63,28 +63,27 @@ def gather_target_blocks(features, tgt_idx):
 
 
 def level_cells(tgt_pos, level, grid_size):
-    """(C, Nt) float 0/1: which target tokens fall into each 2^level x 2^level cell of their block.
+    """(..., C, Nt) float 0/1: which target tokens fall into each 2^level x 2^level cell.
 
-    tgt_pos (Nt, 2) holds each token's (row, col) inside its block, (-1, -1) for padding (in no
-    cell). Cells are numbered on a grid as large as the patch grid, so C depends only on (level,
-    grid_size), never on the batch's block size: cells the block does not reach stay empty. Row sums
-    are the cells' patch counts; at level 0 each real token is its own cell.
+    tgt_pos (..., Nt, 2) holds each token's (row, col), (-1, -1) for padding (in no cell): inside its
+    block for block windows, on the patch grid for grid windows. Cells are numbered on a grid as
+    large as the patch grid, so C depends only on (level, grid_size), never on the batch's block
+    size: cells the tokens do not reach stay empty. Row sums are the cells' patch counts; at level 0
+    each real token is its own cell.
     """
     window = 2 ** level
     cells_per_row = -(-grid_size[1] // window)
     num_cells = -(-grid_size[0] // window) * cells_per_row
-    rows, cols = tgt_pos.unbind(-1)  # (Nt,) each
-    cell = torch.where(rows >= 0, (rows // window) * cells_per_row + cols // window, -1)  # (Nt,)
-    return (cell == torch.arange(num_cells, device=cell.device).unsqueeze(1)).float()  # (C, Nt)
+    rows, cols = tgt_pos.unbind(-1)  # (..., Nt) each
+    cell = torch.where(rows >= 0, (rows // window) * cells_per_row + cols // window, -1)  # (..., Nt)
+    return (cell.unsqueeze(-2) == torch.arange(num_cells, device=cell.device).unsqueeze(-1)).float()  # (..., C, Nt)
 
 
 def grid_cells(level, grid_size, device=None):
     """(C, N) float 0/1: which of the grid's N patches (row-major) lie in each 2^level x 2^level window
     of the patch grid; windows at the right and bottom edges may be partial."""
-    rows = torch.arange(grid_size[0], device=device).repeat_interleave(grid_size[1])
-    cols = torch.arange(grid_size[1], device=device).repeat(grid_size[0])
-    positions = torch.stack([rows, cols], dim=-1)  # (N, 2)
-    return level_cells(positions, level, grid_size)
+    patches = torch.arange(grid_size[0] * grid_size[1], device=device)
+    return level_cells(torch.stack([patches // grid_size[1], patches % grid_size[1]], dim=-1), level, grid_size)
 
 
 def block_grid_cells(tgt_idx, tgt_valid, level, grid_size):
@@ -93,13 +92,9 @@ def block_grid_cells(tgt_idx, tgt_valid, level, grid_size):
     tgt_idx (T, B, Nt) patch indices on the grid, target-major like the predictor's output; tgt_valid
     (Nt,) False for padding (in no window). Row sums are the block's patches per window.
     """
-    window = 2 ** level
-    cells_per_row = -(-grid_size[1] // window)
-    num_cells = -(-grid_size[0] // window) * cells_per_row
     idx = tgt_idx.reshape(-1, tgt_idx.shape[-1])  # (T*B, Nt)
-    cell = (idx // grid_size[1] // window) * cells_per_row + (idx % grid_size[1]) // window
-    cell = torch.where(tgt_valid, cell, -1)
-    return (cell.unsqueeze(1) == torch.arange(num_cells, device=idx.device).view(1, -1, 1)).float()
+    positions = torch.stack([idx // grid_size[1], idx % grid_size[1]], dim=-1)  # (T*B, Nt, 2) on the grid
+    return level_cells(torch.where(tgt_valid.unsqueeze(-1), positions, -1), level, grid_size)
 
 
 def pool_target_blocks(z, cells):
