@@ -58,7 +58,7 @@ def _declare_sections(cfg):
         predictor_depth=_p(Integer(1), "predictor blocks (I-JEPA: 12)", default=6),
         predictor_num_heads=_p(Integer(1), "predictor attention heads", default=6),
         num_levels=_p(Integer(1, 6), "hierarchy levels; level h pools 2^h x 2^h patches", default=3),
-        level_weights=_p(NumberList(), "loss weight per level, comma-separated", default="1.0,0.5,0.25"),
+        level_weights=_p(NumberList(), "relative loss weight per level, comma-separated (normalised to sum to 1)", default="1.0,0.5,0.25"),
         level_depths=_p(NumberList(), "target-encoder block per level (1-based), empty = final block", default=""),
         loss=_p(Choice("smooth_l1", "mse"), "per-level regression loss", default="smooth_l1"),
         normalize_levels=_p(Boolean(), "layer-norm each pooled level-h>=1 target (prediction scaled alike)",

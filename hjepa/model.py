@@ -178,7 +178,11 @@ class HJEPA(nn.Module):
             block.drop_path = 0.0  # targets are never stochastic, even while the model is in train mode
         self.predictor = predictor
         self.level_heads = level_heads
-        self.level_weights = list(level_weights)
+        # Relative weights, normalised to sum to 1: the prediction loss keeps I-JEPA's scale whatever the
+        # number of levels, so the weights of the terms added to it (var_weight, cov_weight) mean the
+        # same for every hierarchy. As a plain sum, 1.0/0.5 made the two-level prediction loss 1.5x the
+        # one-level one and the terms two thirds as strong (README "Results" measures the difference).
+        self.level_weights = [w / sum(level_weights) for w in level_weights]
         # A buffer so the weighted sum needs no host-to-device copy each step; not part of any checkpoint.
         self.register_buffer("level_weight_tensor", torch.tensor(self.level_weights), persistent=False)
         self.level_depths = list(level_depths)  # 1-based target-encoder block per level
@@ -245,7 +249,7 @@ class HJEPA(nn.Module):
             z_pred, hidden = self.predictor(z_ctx, ctx_idx, tgt_idx, tgt_valid, return_hidden=True)
             head_preds = dict(zip(self.level_heads.levels, self.level_heads(hidden)))
 
-        # 3. loss per level on the 2-D-pooled blocks, cells weighted by patch count; weighted sum
+        # 3. loss per level on the 2-D-pooled blocks, cells weighted by patch count; weighted mean
         loss_fn = LOSSES[self.loss_name]
         token_weights = tgt_valid.float()  # (Nt,)
         level_losses = []
@@ -345,6 +349,9 @@ class ModelConfig:
         if len(self.level_weights) != self.num_levels:
             raise UserError(f"model.level_weights has {len(self.level_weights)} entries but model.num_levels "
                             f"is {self.num_levels}")
+        if min(self.level_weights) < 0 or sum(self.level_weights) <= 0:
+            raise UserError(f"model.level_weights {list(self.level_weights)} must be non-negative with a positive sum "
+                            "(they are relative: normalised to sum to 1)")
         if self.level_depths and len(self.level_depths) != self.num_levels:
             raise UserError(f"model.level_depths has {len(self.level_depths)} entries but model.num_levels "
                             f"is {self.num_levels}")

@@ -156,6 +156,8 @@ def test_a_checkpoint_written_before_a_model_key_existed_matches_the_default_arc
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_levels=3, level_weights=[1.0, 0.5]), "level_weights"),
+    (dict(num_levels=2, level_weights=[1.0, -0.5]), "non-negative"),
+    (dict(num_levels=2, level_weights=[0.0, 0.0]), "positive sum"),
     (dict(num_levels=1, level_weights=[1.0], level_heads=True), "level_heads"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[12]), "level_depths"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_depths=[0, 12]), "level_depths"),

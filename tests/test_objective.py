@@ -146,12 +146,21 @@ def test_padding_changes_no_level_loss_and_gets_no_gradient():
     assert queries[-1].grad[:, :6].abs().max() > 0
 
 
-def test_loss_is_the_weighted_sum_of_level_losses():
+def test_loss_is_the_mean_of_level_losses_under_the_relative_level_weights():
     model = build_model(ModelConfig(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25]))
     out = model(*make_batch(tgt_shape=(3, 3)))
     assert out["level_losses"].shape == (3,)
-    expected = out["level_losses"] @ torch.tensor([1.0, 0.5, 0.25])
+    expected = out["level_losses"] @ torch.tensor([4 / 7, 2 / 7, 1 / 7])
     torch.testing.assert_close(out["loss"].detach(), expected)
+
+
+def test_level_weights_are_relative_so_scaling_them_leaves_the_loss_unchanged():
+    losses = []
+    for weights in ([1.0, 0.5], [2.0, 1.0]):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**SMALL_MODEL, num_levels=2, level_weights=weights))
+        losses.append(model(*make_batch(tgt_shape=(3, 3)))["loss"])
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_level_depths_take_targets_from_intermediate_blocks_through_heads():
@@ -241,5 +250,5 @@ def test_variance_covariance_weights_add_their_terms_on_the_mean_context_embeddi
     images, ctx_idx, tgt_idx, tgt_pos = batch = make_batch(batch_size=4)
     out = model(*batch)
     variance, covariance = variance_covariance(model.context_encoder(images, ctx_idx).mean(dim=1))
-    levels = out["level_losses"] @ torch.tensor([1.0, 0.5])
+    levels = out["level_losses"] @ torch.tensor([2 / 3, 1 / 3])
     torch.testing.assert_close(out["loss"].detach(), levels + 2.0 * variance.detach() + 0.5 * covariance.detach())
