@@ -13,7 +13,8 @@ target encoder (eval.seed = seed); every seed also probes a random-init encoder 
 architecture. <out>/results.json is rewritten after each finished step, which makes the whole
 command resumable: a rerun skips what is recorded, and a run cut off mid-training continues from its
 last checkpoint (training.resume=auto). Child output goes to train.log / probe.log in the run folder.
-Prints mean ± std (sample std over seeds) of linear and k-NN top-1, writes <out>/results.json and
+Prints mean ± std (sample std over seeds) of linear and k-NN top-1, and each variant minus the first one
+paired by seed (the spread that says whether one beats the other), writes <out>/results.json and
 <out>/ablation.png (bars with std error bars). Runs on whatever device train.py picks (CPU here).
 """
 import argparse
@@ -129,10 +130,33 @@ def summarize(runs, names):
     return table
 
 
-def format_table(table):
+def paired_differences(runs, names, reference):
+    """{name: {metric: (mean, std, n, {seed: difference})}}: each variant minus `reference` at the seeds
+    both have recorded. Seeds are shared (same init, data order and masks), so the per-seed difference
+    removes what the seeds have in common and its spread is the honest one for "is B better than A"."""
+    by_seed = {}
+    for key, record in runs.items():
+        name, seed = key.rsplit("|", 1)
+        by_seed.setdefault(name, {})[int(seed)] = record
+    table = {}
+    for name in names:
+        seeds = sorted(set(by_seed.get(name, {})) & set(by_seed.get(reference, {})))
+        if name == reference or not seeds:
+            continue
+        table[name] = {}
+        for metric in ("top1", "knn_top1"):
+            per_seed = {s: by_seed[name][s][metric] - by_seed[reference][s][metric] for s in seeds}
+            values = np.array(list(per_seed.values()), dtype=float)
+            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            table[name][metric] = (float(values.mean()), std, len(values), per_seed)
+    return table
+
+
+def format_table(table, signed=False):
     lines = [f"{'variant':<24}{'seeds':>6}{'linear top-1':>18}{'k-NN top-1':>18}"]
     for name, row in table.items():
-        cells = "".join(f"{m:>11.1f} ± {s:<4.1f}" for m, s, _ in (row["top1"], row["knn_top1"]))
+        cells = "".join(f"{m:>+11.1f} ± {s:<4.1f}" if signed else f"{m:>11.1f} ± {s:<4.1f}"
+                        for m, s, *_ in (row["top1"], row["knn_top1"]))
         lines.append(f"{name:<24}{row['top1'][2]:>6}{cells}")
     return "\n".join(lines)
 
@@ -282,8 +306,16 @@ def main(argv=None):
                       [RANDOM_INIT, *variants])
     results["summary"] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
                           for name, row in table.items()}
+    reference = next(iter(variants))
+    paired = paired_differences({k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds},
+                                list(variants), reference)
+    results["paired"] = {"reference": reference, **{
+        name: {m: {"mean": v[0], "std": v[1], "n": v[2], "per_seed": v[3]} for m, v in row.items()}
+        for name, row in paired.items()}}
     save_results(results, results_path)
     print("\n" + format_table(table))
+    if paired:
+        print(f"\nminus '{reference}', paired by seed\n" + format_table(paired, signed=True))
     png = os.path.join(args.out, "ablation.png")
     plot_table(table, png, f"{os.path.basename(args.train)} | {args.config} {args.set} | seeds {args.seeds}")
     print(f"\nwrote {results_path} and {png}", flush=True)

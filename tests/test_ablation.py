@@ -55,6 +55,19 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert "3 levels" not in table
 
 
+def test_paired_differences_subtract_the_reference_at_the_seeds_both_have():
+    runs = {ablation.result_key("1 level", s): record("1 level", s, top1, 50.0) for s, top1 in enumerate([70.0, 72.0, 74.0])}
+    runs.update({ablation.result_key("2 levels", s): record("2 levels", s, top1, 52.0) for s, top1 in [(0, 71.0), (2, 78.0)]})
+    runs[ablation.result_key("3 levels", 5)] = record("3 levels", 5, 90.0, 90.0)  # no seed in common
+    table = ablation.paired_differences(runs, ["1 level", "2 levels", "3 levels"], "1 level")
+    assert list(table) == ["2 levels"]
+    mean, std, n, per_seed = table["2 levels"]["top1"]
+    assert (mean, n, per_seed) == (2.5, 2, {0: 1.0, 2: 4.0})
+    assert std == pytest.approx(2.1213203)  # sample std of (1, 4)
+    assert table["2 levels"]["knn_top1"][:3] == (2.0, 0.0, 2)
+    assert "+2.5" in ablation.format_table(table, signed=True)
+
+
 @pytest.mark.parametrize("spec", ["no equals sign", "x=--model.num_levels", "x=num_levels=1"])
 def test_malformed_variants_are_user_errors(spec):
     with pytest.raises(UserError):
