@@ -177,6 +177,8 @@ def _declare_sections(cfg):
         download=_p(Boolean(), "fetch CIFAR/STL archives with torchvision's helper", default=False),
         members=_p(Text(), "multi.py: name=path.beton,name=path.beton,...", default=""),
         per_class=_p(Integer(0), "fashion_mnist.py: first K images of each class, 0 = all", default=0),
+        skip_per_class=_p(Integer(0), "fashion_mnist.py: skip the first K images of each class first "
+                          "(a subset disjoint from one written with per_class <= K)", default=0),
         image_size=_p(Integer(0, 1024), "fashion_mnist.py: enlarge to this side (bicubic), 0 = native 28",
                       default=0),
     )

@@ -42,6 +42,20 @@ def test_keeps_the_first_images_of_each_class_as_enlarged_rgb(fmnist_dir, tmp_pa
     assert all((image == image[:, :, :1]).all() for image in images)  # grey in every channel
 
 
+def test_skipping_per_class_gives_the_next_images_of_each_class(fmnist_dir, tmp_path):
+    fmnist(fmnist_dir, tmp_path / "fm.beton", "--cfg.per_class=1", "--cfg.skip_per_class=2")
+    images, labels, _ = read_beton(str(tmp_path / "fm.beton"))
+    assert labels.tolist() == [0, 1, 2]
+    # the third image of class 0 is at file position 7, of class 1 at 8, of class 2 at 6
+    assert [int(image[0, 0, 0]) for image in images] == [70, 80, 60]
+
+
+def test_skipping_every_image_is_a_one_line_error(fmnist_dir, tmp_path, capsys):
+    err = cli_error(capsys, "fashion_mnist", f"--cfg.data_dir={fmnist_dir}", "--cfg.split=test",
+                    "--cfg.skip_per_class=4", f"--cfg.write_path={tmp_path / 'fm.beton'}")
+    assert "skipping the first 4" in err and len(err.strip().splitlines()) == 1
+
+
 def test_native_size_keeps_all_images(fmnist_dir, tmp_path):
     fmnist(fmnist_dir, tmp_path / "fm.beton")
     images, labels, _ = read_beton(str(tmp_path / "fm.beton"))
