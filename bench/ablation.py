@@ -116,6 +116,12 @@ def pending(plan, results):
     return [(name, seed) for name, seed in plan if result_key(name, seed) not in results.get("runs", {})]
 
 
+def mean_std_n(values):
+    """(mean, sample std (0 for one value), count) of a list of numbers."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
 def summarize(runs, names):
     """{name: {metric: (mean, std, n)}} over seeds; std is the sample std (0 for one seed)."""
     table = {}
@@ -124,9 +130,7 @@ def summarize(runs, names):
         if records:
             table[name] = {}
             for metric in ("top1", "knn_top1"):
-                values = np.array([r[metric] for r in records], dtype=float)
-                std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-                table[name][metric] = (float(values.mean()), std, len(values))
+                table[name][metric] = mean_std_n([r[metric] for r in records])
     return table
 
 
@@ -146,9 +150,7 @@ def paired_differences(runs, names, reference):
         table[name] = {}
         for metric in ("top1", "knn_top1"):
             per_seed = {s: by_seed[name][s][metric] - by_seed[reference][s][metric] for s in seeds}
-            values = np.array(list(per_seed.values()), dtype=float)
-            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-            table[name][metric] = (float(values.mean()), std, len(values), per_seed)
+            table[name][metric] = (*mean_std_n(list(per_seed.values())), per_seed)
     return table
 
 
