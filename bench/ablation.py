@@ -304,13 +304,12 @@ def main(argv=None):
     if failures:
         raise UserError(f"{len(failures)} run(s) failed, the rest are recorded in {results_path}: " + "; ".join(failures))
 
-    table = summarize({k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds},
-                      [RANDOM_INIT, *variants])
+    chosen = {k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds}
+    table = summarize(chosen, [RANDOM_INIT, *variants])
     results["summary"] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
                           for name, row in table.items()}
     reference = next(iter(variants))
-    paired = paired_differences({k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds},
-                                list(variants), reference)
+    paired = paired_differences(chosen, list(variants), reference)
     results["paired"] = {"reference": reference, **{
         name: {m: {"mean": v[0], "std": v[1], "n": v[2], "per_seed": v[3]} for m, v in row.items()}
         for name, row in paired.items()}}

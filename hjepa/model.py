@@ -183,7 +183,7 @@ class HJEPA(nn.Module):
         # same for every hierarchy. As a plain sum, 1.0/0.5 made the two-level prediction loss 1.5x the
         # one-level one and the terms two thirds as strong (README "Results" measures the difference).
         self.level_weights = [w / sum(level_weights) for w in level_weights]
-        # A buffer so the weighted sum needs no host-to-device copy each step; not part of any checkpoint.
+        # A buffer so the weighted mean needs no host-to-device copy each step; not part of any checkpoint.
         self.register_buffer("level_weight_tensor", torch.tensor(self.level_weights), persistent=False)
         self.level_depths = list(level_depths)  # 1-based target-encoder block per level
         self.loss_name = loss
