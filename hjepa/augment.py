@@ -166,12 +166,13 @@ def _num_taps(start, length, out_size):
     return taps
 
 
-_BLOCK = 8  # rows (and columns) handled together so that the transposes below move whole tiles
+_BLOCK = 16  # rows (and columns) handled together so that the transposes below move whole tiles
 
 
-def scratch_floats(max_width, out_h):
-    """Length of the float32 scratch `resize_crop` needs for images up to max_width wide."""
-    return (max_width + 1) * out_h * 3
+def scratch_floats(max_width, out_h, out_w):
+    """Length of the float32 scratch `resize_crop` needs for images up to max_width wide: the
+    vertical pass (max_width + 1 columns) and the converted output, planar (out_w columns)."""
+    return (max_width + 1 + out_w) * out_h * 3
 
 
 @njit(fastmath=True, nogil=True)
@@ -187,7 +188,10 @@ def resize_crop(image, top, left, height, width, dst, flip, scratch, scale, shif
 
     Two separable passes: vertical on image rows (contiguous, vectorised), written transposed and
     channel-planar so that the horizontal pass, the jitter and the conversion also run on contiguous
-    memory; the transposes move 8-pixel tiles.
+    memory, into a planar copy of the whole output (in scratch); a last pass interleaves it into dst
+    row by row. Interleaving each block of columns straight into dst instead (8 columns, then 16:
+    short row segments 2.7 KB apart in a batch buffer far larger than the caches) gave the loader 12%
+    fewer normalised float32 images/s (bench/loader_throughput.py, README "Results").
     """
     out_h, out_w = dst.shape[0], dst.shape[1]
     taps_y, taps_x = _num_taps(top, height, out_h), _num_taps(left, width, out_w)
@@ -234,10 +238,9 @@ def resize_crop(image, top, left, height, width, dst, flip, scratch, scale, shif
         mean_gray = bright * (0.299 * sums[0] + 0.587 * sums[1] + 0.114 * sums[2]) / (out_h * out_w)
         offset = np.float32((1.0 - contrast) * mean_gray)
     # 3. horizontal pass, _BLOCK output columns at a time, then the jitter and the output conversion
-    # (on contiguous planes), written back untransposed
+    # (on contiguous planes) into converted[x, c, oy], mirrored when flipping
     acc = np.empty((_BLOCK, m), np.float32)
-    converted = np.empty((_BLOCK, 3, out_h), np.float32)  # a separate array: the loop above vectorises
-    out_rows = dst.reshape(out_h, out_w * 3)
+    converted = scratch[nx * m:(nx + out_w) * m].reshape(out_w, 3, out_h)
     s0, s1, s2 = np.float32(scale[0]), np.float32(scale[1]), np.float32(scale[2])
     t0, t1, t2 = np.float32(shift[0]), np.float32(shift[1]), np.float32(shift[2])
     full = np.float32(255.0)
@@ -252,19 +255,22 @@ def resize_crop(image, top, left, height, width, dst, flip, scratch, scale, shif
                 for i in range(m):
                     a[i] += wk * column[i]
             red, green, blue = a[:out_h], a[out_h:2 * out_h], a[2 * out_h:]
-            out_red, out_green, out_blue = converted[b, 0], converted[b, 1], converted[b, 2]
+            x = out_w - 1 - (ox0 + b) if flip else ox0 + b
+            out_red, out_green, out_blue = converted[x, 0], converted[x, 1], converted[x, 2]
             for oy in range(out_h):
                 r, g, bl = _jitter_pixel(min(red[oy], full), min(green[oy], full), min(blue[oy], full),
                                          contrast, offset, saturation)
                 out_red[oy] = r * s0 + t0
                 out_green[oy] = g * s1 + t1
                 out_blue[oy] = bl * s2 + t2
-        for oy in range(out_h):
-            for b in range(nb):
-                x = out_w - 1 - (ox0 + b) if flip else ox0 + b
-                out_rows[oy, 3 * x] = converted[b, 0, oy]
-                out_rows[oy, 3 * x + 1] = converted[b, 1, oy]
-                out_rows[oy, 3 * x + 2] = converted[b, 2, oy]
+    # 4. interleave into dst, one whole row at a time
+    out_rows = dst.reshape(out_h, out_w * 3)
+    for oy in range(out_h):
+        row = out_rows[oy]
+        for x in range(out_w):
+            row[3 * x] = converted[x, 0, oy]
+            row[3 * x + 1] = converted[x, 1, oy]
+            row[3 * x + 2] = converted[x, 2, oy]
 
 
 @njit(inline="always")
@@ -343,7 +349,7 @@ class CropResizeDecoder(RandomResizedCropRGBImageDecoder):
         # FFCV calls this again for every epoch; the compiled code keeps the first buffers' addresses.
         if self.decoded is None:
             self.decoded = ThreadScratch(max_height * max_width * 3, np.uint8)
-            self.scratch = ThreadScratch(scratch_floats(max_width, out_h), np.float32)
+            self.scratch = ThreadScratch(scratch_floats(max_width, out_h, out_w), np.float32)
         dtype = output_conversion(self.normalize)[0]
         output_shape = (out_h, out_w, 3)
         return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=dtype),

@@ -23,7 +23,7 @@ def photo(height, width, seed=0):
 def ours(image, top, left, height, width, size, *, flip=False, normalize=None, jitter=(1.0, 1.0, 1.0)):
     dtype, scale, shift = output_conversion(normalize)
     out = np.zeros((size, size, 3), dtype)
-    scratch = np.zeros(scratch_floats(image.shape[1], size), np.float32)
+    scratch = np.zeros(scratch_floats(image.shape[1], size, size), np.float32)
     resize_crop(image, float(top), float(left), float(height), float(width), out, flip, scratch, scale, shift,
                 *jitter)  # jitter: (brightness, contrast, saturation) factors
     return out  # (size, size, 3)
