@@ -12,12 +12,15 @@ variants are 1, 2 and 3 levels. Every (variant, seed) is a real `hjepa/train.py`
 target encoder (eval.seed = seed); every seed also probes a random-init encoder of the base
 architecture. <out>/results.json is rewritten after each finished step, which makes the whole
 command resumable: a rerun skips what is recorded, and a run cut off mid-training continues from its
-last checkpoint (training.resume=auto). Child output goes to train.log / probe.log in the run folder.
+last checkpoint (training.resume=auto); a rerun whose config resolves to other values (an edited
+--config file, another --set) or whose variant has other overrides is refused. Child output goes to
+train.log / probe.log in the run folder.
 Prints mean ± std (sample std over seeds) of linear and k-NN top-1, and each variant minus the first one
 paired by seed (the spread that says whether one beats the other), writes <out>/results.json and
 <out>/ablation.png (bars with std error bars). Runs on whatever device train.py picks (CPU here).
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -30,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 import yaml
 
-from hjepa.config import load_config
+from hjepa.config import config_as_dict, load_config
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.runlog import cpu_model, git_commit
 
@@ -99,6 +102,13 @@ def plan_runs(variants, seeds):
 
 def result_key(name, seed):
     return f"{name}|{seed}"
+
+
+def config_digest(cfg):
+    """sha256 of a resolved config's values: the same for the same settings whatever file or path
+    they came from, different when an edit to the file (or to a file it inherits) changes any."""
+    text = json.dumps(config_as_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_recorded(results, variants, settings):
@@ -261,8 +271,10 @@ def main(argv=None):
                   "image_size": base["data.image_size"]}
     for name, overrides in variants.items():
         load_config([args.config], argv=[*args.set.split(), *overrides])  # a typo fails now, not in run 7
-    settings = {"config": args.config, "train": os.path.abspath(args.train), "val": os.path.abspath(args.val),
-                "set": args.set, "probe_set": args.probe_set}
+    # The config's resolved values, not only its path: an edited cpu_demo.yaml must not resume into
+    # runs trained with the old one.
+    settings = {"config": args.config, "config_sha256": config_digest(base), "train": os.path.abspath(args.train),
+                "val": os.path.abspath(args.val), "set": args.set, "probe_set": args.probe_set}
     # The runs start in the repository's folder: paths given relative to the caller's folder must not move.
     for name in ("config", "train", "val", "out"):
         setattr(args, name, os.path.abspath(getattr(args, name)))

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from hjepa.beton import manifest_path
+from hjepa.config import load_config
 from hjepa.errors import UserError
 
 _spec = importlib.util.spec_from_file_location("ablation", os.path.join(REPO_ROOT, "bench", "ablation.py"))
@@ -38,6 +39,18 @@ def test_recorded_runs_with_other_overrides_are_refused():
     ablation.check_recorded(results, VARIANTS, {"config": "a.yaml"})  # same overrides: fine
     with pytest.raises(UserError, match="1 level"):
         ablation.check_recorded(results, changed, {"config": "a.yaml"})
+
+
+def test_the_config_digest_follows_the_values_not_the_file(tmp_path):
+    base = open(os.path.join(REPO_ROOT, "rn_configs", "cpu_demo.yaml")).read()
+    (tmp_path / "a.yaml").write_text(base)
+    (tmp_path / "copy.yaml").write_text(base)
+    (tmp_path / "edited.yaml").write_text(base.replace("epochs: 60", "epochs: 61"))
+    digest = {name: ablation.config_digest(load_config([str(tmp_path / f"{name}.yaml")]))
+              for name in ("a", "copy", "edited")}
+    assert digest["a"] == digest["copy"]  # the same values from another file
+    assert digest["a"] != digest["edited"]  # one value changed in the file: a resume must refuse it
+    assert ablation.config_digest(load_config([str(tmp_path / "a.yaml")], argv=["--training.epochs=61"])) == digest["edited"]
 
 
 def test_recorded_runs_with_other_base_settings_are_refused():
