@@ -189,9 +189,9 @@ def resize_crop(image, top, left, height, width, dst, flip, scratch, scale, shif
     Two separable passes: vertical on image rows (contiguous, vectorised), written transposed and
     channel-planar so that the horizontal pass, the jitter and the conversion also run on contiguous
     memory, into a planar copy of the whole output (in scratch); a last pass interleaves it into dst
-    row by row. Interleaving each block of columns straight into dst instead (8 columns, then 16:
-    short row segments 2.7 KB apart in a batch buffer far larger than the caches) gave the loader 12%
-    fewer normalised float32 images/s (bench/loader_throughput.py, README "Results").
+    row by row. Interleaving each block of 8 columns straight into dst instead (short row segments
+    2.7 KB apart in a batch buffer far larger than the caches) gave the loader 12% fewer normalised
+    float32 images/s (bench/loader_throughput.py, README "Results").
     """
     out_h, out_w = dst.shape[0], dst.shape[1]
     taps_y, taps_x = _num_taps(top, height, out_h), _num_taps(left, width, out_w)
