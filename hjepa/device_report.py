@@ -79,6 +79,12 @@ def print_table(results):
               f"{graphs['device_batch']['img_s']:,.0f} img/s GPU-resident, {graphs['loader_fed']['img_s']:,.0f} "
               f"loader-fed (data-wait {graphs['loader_fed']['data_wait_fraction']:.2%}), "
               f"{graphs['recompiles_after_warmup']} graphs compiled after warm-up")
+    exact = variants.get("exact_target_blocks")
+    if exact:
+        print("target blocks cut to their real size (dynamic): " + (
+            f"failed: {exact['error']}" if "error" in exact else
+            f"{exact['device_batch']['img_s']:,.0f} img/s GPU-resident, {exact['graphs_compiled_in_warmup']} graphs "
+            f"compiled in warm-up, {exact['recompiles_after_warmup']} after"))
     for name, entry in sections.items():
         if entry.get("status") != "ok":
             print(f"{name}: {entry.get('status')} {entry.get('error') or entry.get('reason') or ''}")

@@ -248,6 +248,15 @@ def sample_masks(config, *, batch_size, grid_size, seed, step, rank=0):
                  tgt_pos=torch.from_numpy(np.stack([rows, cols], axis=1)), tgt_shape=(th, tw))
 
 
+def unpadded(masks):
+    """`masks` with every target block cut to this batch's real th * tw tokens: no padding for the model to
+    compute and ignore (the default masks' blocks hold 34 real tokens on average of the 42 they are padded
+    to), but the token count now follows the draw, so a compiled step recompiles per block size unless that
+    dimension is marked dynamic (torch._dynamo.mark_dynamic on tgt_idx dim 2 and tgt_pos dim 0)."""
+    num_real = masks.tgt_shape[0] * masks.tgt_shape[1]
+    return Masks(ctx_idx=masks.ctx_idx, tgt_idx=masks.tgt_idx[..., :num_real].contiguous(),
+                 tgt_pos=masks.tgt_pos[:num_real].contiguous(), tgt_shape=masks.tgt_shape)
+
 def _benchmark(batch_size=256, grid=(14, 14), calls=200):
     """Mean milliseconds per call with the default masking config."""
     config = MaskConfig()

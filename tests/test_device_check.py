@@ -104,7 +104,7 @@ def test_profile_section_splits_the_step_time_into_kinds_of_work(smoke):
     assert profile["top"] and profile["top"][0]["ms_per_step"] >= profile["top"][-1]["ms_per_step"]
 
 
-def test_variants_section_times_thread_counts_long_epochs_fresh_buffers_and_the_other_compile_mode(smoke):
+def test_variants_section_times_thread_counts_long_epochs_fresh_buffers_the_other_compile_mode_and_cut_blocks(smoke):
     variants = smoke[1]["sections"]["variants"]
     threads = os.cpu_count()
     assert str(threads) in variants["loader_fed_by_workers"]  # the default, timed again beside the others
@@ -115,3 +115,8 @@ def test_variants_section_times_thread_counts_long_epochs_fresh_buffers_and_the_
     graphs = variants["other_compile_mode"]  # cpu_demo.yaml compiles in the default mode
     assert graphs["compile_mode"] == "reduce-overhead" and graphs["applied"] is False  # smoke: eager backend
     assert graphs["recompiles_after_warmup"] == 0 and graphs["device_batch"]["img_s"] > 0
+    exact = variants["exact_target_blocks"]  # every block size of the warm-up served by one dynamic graph
+    assert "error" not in exact, exact.get("error")
+    assert exact["warmup_steps"] == exact["block_sizes"] > 2
+    assert exact["graphs_compiled_in_warmup"] == 1 and exact["recompiles_after_warmup"] == 0
+    assert exact["device_batch"]["img_s"] > 0

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hjepa.masks import MaskConfig, _random_subset, mask_sizes, sample_masks
+from hjepa.masks import MaskConfig, _random_subset, mask_sizes, sample_masks, unpadded
 
 GRID = (14, 14)
 DRAW = dict(batch_size=32, grid_size=GRID, seed=0, rank=0)  # the rest: MaskConfig's defaults (I-JEPA's masks)
@@ -56,6 +56,16 @@ def test_target_blocks_are_rectangles_listed_row_major_then_padding():
         assert (m.tgt_pos[th * tw:] == -1).all()
         assert torch.equal(m.tgt_idx[..., th * tw:], real[..., :1].expand(-1, -1, m.tgt_idx.shape[2] - th * tw))
 
+
+def test_unpadded_masks_keep_exactly_the_real_target_tokens_and_the_same_context():
+    for step in range(10):
+        m = masks(step)
+        th, tw = m.tgt_shape
+        cut = unpadded(m)
+        assert cut.tgt_idx.shape == (m.tgt_idx.shape[0], m.tgt_idx.shape[1], th * tw)
+        assert torch.equal(cut.tgt_idx, m.tgt_idx[..., :th * tw])
+        assert torch.equal(cut.tgt_pos, m.tgt_pos[:th * tw]) and (cut.tgt_pos >= 0).all()
+        assert torch.equal(cut.ctx_idx, m.ctx_idx) and cut.tgt_shape == m.tgt_shape
 
 def test_target_padding_is_the_largest_block_the_scale_and_aspect_allow():
     # keep = int(196 * [0.15, 0.2]) = 29..39 patches at h/w in [0.75, 1.5]: the largest is 7 x 6 = 42
