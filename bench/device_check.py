@@ -481,8 +481,8 @@ def _time_exact_target_blocks(run, cfg):
         warmup_s, graphs_warm = time.perf_counter() - t0, compiled_graphs()
         window = timed_window(trainer, lambda: batch, run.size["timed_steps"], 3000)
         return dict(block_sizes=len(sizes), warmup_steps=len(warmup), warmup_s=round(warmup_s, 1),
-                    graphs_compiled_in_warmup=graphs_warm - graphs0, recompiles_after_warmup=compiled_graphs() - graphs_warm,
-                    device_batch=window)
+                    graphs_compiled_in_warmup=graphs_warm - graphs0,
+                    recompiles_after_warmup=compiled_graphs() - graphs_warm, device_batch=window)
     except Exception as e:  # a variant: its failure is a finding, the section's other figures stand
         return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
