@@ -1,4 +1,4 @@
-"""Ablation: train variants x seeds on given betons, probe each and a random-init encoder, table + JSON + PNG.
+"""Ablation: variants x seeds trained on given betons, probed beside random init and raw pixels: table, JSON, PNG.
 
     python bench/ablation.py --config rn_configs/cpu_demo.yaml \\
         --train betons/fmnist_train.beton --val betons/fmnist_val.beton --seeds 0,1,2 \\
@@ -10,7 +10,9 @@ A variant is `name=--section.param=value ...` on top of --config (and of --set, 
 variants are 1, 2 and 3 levels. Every (variant, seed) is a real `hjepa/train.py` run in
 <out>/runs/<variant>-s<seed> with training.seed = data.seed = seed, then `eval/linear_probe.py` on its
 target encoder (eval.seed = seed); every seed also probes a random-init encoder of the base
-architecture. <out>/results.json is rewritten after each finished step, which makes the whole
+architecture and the raw pixels (`eval/linear_probe.py --eval.pixels=1`: the same eval images,
+normalised and flattened, under the same probe; their features are extracted once, in
+<out>/runs/raw_pixels_features). <out>/results.json is rewritten after each finished step, which makes the whole
 command resumable: a rerun skips what is recorded, and a run cut off mid-training continues from its
 last checkpoint (training.resume=auto); a rerun whose config resolves to other values (an edited
 --config file, another --set) or whose variant has other overrides is refused. Child output goes to
@@ -39,6 +41,8 @@ from hjepa.runlog import cpu_model, git_commit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM_INIT = "random init"
+PIXELS = "raw pixels"
+BASELINES = (RANDOM_INIT, PIXELS)  # probed at every seed, trained never
 DEFAULT_VARIANTS = {
     "1 level": ["--model.num_levels=1", "--model.level_weights=1.0"],
     "2 levels": ["--model.num_levels=2", "--model.level_weights=1.0,0.5"],
@@ -83,8 +87,8 @@ def parse_variants(specs, path):
             raise UserError(f"--variant '{spec}' must read name=--section.param=value ...")
         variants[name.strip()] = overrides.split()
     for name, overrides in variants.items():
-        if name == RANDOM_INIT:
-            raise UserError(f"'{RANDOM_INIT}' is the baseline's name: choose another variant name")
+        if name in BASELINES:
+            raise UserError(f"'{name}' is a baseline's name: choose another variant name")
         bad = [o for o in overrides if not re.fullmatch(r"--[\w]+\.[\w]+=\S*", o)]
         if bad:
             raise UserError(f"variant '{name}': overrides must read --section.param=value, got {' '.join(bad)}")
@@ -96,8 +100,8 @@ def run_folder_name(variant, seed):
 
 
 def plan_runs(variants, seeds):
-    """Every step in order, as (variant name or RANDOM_INIT, seed): per seed, the baseline first."""
-    return [(name, seed) for seed in seeds for name in [RANDOM_INIT, *variants]]
+    """Every step in order, as (variant or baseline name, seed): per seed, the baselines first."""
+    return [(name, seed) for seed in seeds for name in [*BASELINES, *variants]]
 
 
 def result_key(name, seed):
@@ -187,7 +191,8 @@ def plot_table(table, path, title):
         means = [table[name][m][0] for m in ("top1", "knn_top1")]
         stds = [table[name][m][1] for m in ("top1", "knn_top1")]
         bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-                      label=f"{name} (n={table[name]['top1'][2]})", color="0.7" if name == RANDOM_INIT else None)
+                      label=f"{name} (n={table[name]['top1'][2]})",
+                      color={RANDOM_INIT: "0.7", PIXELS: "0.45"}.get(name))
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
     ax.set_xticks(x, ["linear top-1", "k-NN top-1"])
     ax.set_ylabel("top-1 (%)")
@@ -226,15 +231,19 @@ def run_logged(args, log_path):
 
 
 def run_step(name, seed, *, args, variants, base_model, runs_dir):
-    """Train (unless the baseline) and probe one (variant, seed); return its record."""
-    folder = os.path.join(runs_dir, RANDOM_INIT.replace(" ", "_") + f"-s{seed}" if name == RANDOM_INIT
-                          else run_folder_name(name, seed))
+    """Train (unless a baseline) and probe one (variant, seed); return its record."""
+    folder = os.path.join(runs_dir, run_folder_name(name, seed))
     os.makedirs(folder, exist_ok=True)
     probe_json = os.path.join(folder, "probe.json")
     data = [f"--eval.train_dataset={args.train}", f"--eval.val_dataset={args.val}", f"--eval.seed={seed}",
             f"--eval.out={probe_json}", "--logging.progress=0", *args.probe_set.split(), *args.speed_set.split()]
     record = {"seed": seed, "overrides": variants.get(name, [])}
-    if name == RANDOM_INIT:
+    if name == PIXELS:  # the features do not depend on the seed: one cache for every seed
+        record["probe_s"] = run_logged(["eval/linear_probe.py", "--eval.pixels=1",
+                                        f"--data.image_size={base_model['image_size']}",
+                                        f"--eval.cache_dir={os.path.join(runs_dir, 'raw_pixels_features')}", *data],
+                                       os.path.join(folder, "probe.log"))
+    elif name == RANDOM_INIT:
         record["probe_s"] = run_logged(["eval/linear_probe.py", "--eval.random_init=1", f"--model.arch={base_model['arch']}",
                                         f"--model.patch_size={base_model['patch_size']}",
                                         f"--data.image_size={base_model['image_size']}",
@@ -291,7 +300,7 @@ def main(argv=None):
                    cpus=os.cpu_count(), commit=git_commit(REPO))
     todo = pending(plan_runs(variants, seeds), results)
     done = len(plan_runs(variants, seeds)) - len(todo)
-    print(f"{len(variants)} variants x {len(seeds)} seeds + random init: {done} recorded, {len(todo)} to run "
+    print(f"{len(variants)} variants x {len(seeds)} seeds + random init and raw pixels: {done} recorded, {len(todo)} to run "
           f"(logs under {os.path.join(args.out, 'runs')})", flush=True)
 
     from tqdm import tqdm
@@ -317,7 +326,7 @@ def main(argv=None):
         raise UserError(f"{len(failures)} run(s) failed, the rest are recorded in {results_path}: " + "; ".join(failures))
 
     chosen = {k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds}
-    table = summarize(chosen, [RANDOM_INIT, *variants])
+    table = summarize(chosen, [*BASELINES, *variants])
     results["summary"] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
                           for name, row in table.items()}
     reference = next(iter(variants))

@@ -3,6 +3,7 @@
     python eval/linear_probe.py --eval.checkpoint=runs/RUN/checkpoint.pt \
         --eval.train_dataset=data/imagenet100_train.beton --eval.val_dataset=data/imagenet100_val.beton
     python eval/linear_probe.py --eval.random_init=1 --model.arch=vit_small --data.image_size=224 ...
+    python eval/linear_probe.py --eval.pixels=1 --data.image_size=64 ...   # raw pixels, no encoder
     python -m eval.linear_probe ...   # the same, from the repository root
 
 Features (average-pooled tokens of the target encoder, or --eval.encoder=context) are extracted once
@@ -28,8 +29,18 @@ CACHE_VERSION = 2  # 2: labels copied out of FFCV's reused buffers (v1 caches ho
 READS = ("eval", "model.arch", "model.patch_size", "data.image_size", "data.in_memory", "logging.progress")
 
 
+PIXEL_FEATURE_BYTES = 8 * 2**30  # raw-pixel features of both betons held in memory at most (float32)
+
+
 def encoder_spec(cfg):
     """(checkpoint dict or None, model_config) for the encoder to probe."""
+    if cfg["eval.pixels"]:
+        if cfg["eval.checkpoint"] or cfg["eval.random_init"]:
+            raise UserError("eval.pixels probes the images themselves: give it without eval.checkpoint and "
+                            "eval.random_init")
+        if cfg["eval.last_k_blocks"] != 1:
+            raise UserError("eval.pixels has no blocks: eval.last_k_blocks must be 1")
+        return None, {"arch": "pixels", "patch_size": None, "image_size": cfg["data.image_size"]}
     if cfg["eval.checkpoint"]:
         return load_training_checkpoint(cfg["eval.checkpoint"])
     if not cfg["eval.random_init"]:
@@ -42,6 +53,8 @@ def encoder_spec(cfg):
 def build_frozen_encoder(cfg, ckpt, model_config, image_size):
     """The encoder to probe, in eval mode; random weights seeded by eval.seed when random_init."""
     torch.manual_seed(cfg["eval.seed"])
+    if cfg["eval.pixels"]:
+        return probe.Pixels()
     if cfg["eval.random_init"]:
         encoder = build_encoder(model_config["arch"], patch_size=model_config["patch_size"], image_size=image_size)
     else:
@@ -102,10 +115,15 @@ def main(argv=None):
     if train_manifest["dataset"] != val_manifest["dataset"]:
         raise UserError(f"train beton is {train_manifest['dataset']} but val beton is {val_manifest['dataset']}: "
                         "a probe's classes only mean something within one dataset")
+    if cfg["eval.pixels"]:
+        feature_bytes = 4 * 3 * image_size ** 2 * (train_manifest["num_samples"] + val_manifest["num_samples"])
+        if feature_bytes > PIXEL_FEATURE_BYTES:
+            raise UserError(f"eval.pixels at {image_size} px would hold {feature_bytes / 2**30:.0f} GiB of features "
+                            f"(at most {PIXEL_FEATURE_BYTES // 2**30}): give a smaller --eval.image_size")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder.to(device)
-    encoder_name = "random" if cfg["eval.random_init"] else cfg["eval.encoder"]
+    encoder_name = "pixels" if cfg["eval.pixels"] else "random" if cfg["eval.random_init"] else cfg["eval.encoder"]
 
     # The encoder's own weights (content hash) identify it exactly, random init and seed included,
     # so a copied or re-saved checkpoint with the same weights reuses its features.

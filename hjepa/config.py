@@ -131,6 +131,8 @@ def _declare_sections(cfg):
         encoder=_p(Choice("target", "context"), "which encoder of the checkpoint", default="target"),
         last_k_blocks=_p(Integer(1), "concatenate pooled outputs of the last k blocks", default=1),
         random_init=_p(Boolean(), "probe an untrained encoder of the same architecture", default=False),
+        pixels=_p(Boolean(), "probe the eval images' normalised pixels, flattened: the baseline features should beat",
+                  default=False),
         epochs=_p(Integer(1), "probe training epochs (more when needed to reach min_steps)", default=100),
         min_steps=_p(Integer(0), "probe trains at least this many SGD steps (small sets need many epochs)",
                      default=3000),

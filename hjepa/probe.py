@@ -64,6 +64,17 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
     return torch.cat(feature_chunks), torch.cat(label_chunks)
 
 
+class Pixels(torch.nn.Module):
+    """The identity as an encoder: each image's normalised pixels, flattened, as its one token, so
+    `extract_features` returns the raw-pixel features (C*H*W) that a linear probe of a learned encoder
+    is compared with: what the probe reaches with no encoder at all."""
+
+    depth = 1
+
+    def forward_features(self, x):  # (B, C, H, W) -> (B, 1, C*H*W)
+        return x.flatten(1).unsqueeze(1)
+
+
 def _num_samples(loader):
     """Samples the bar should expect: hjepa.loaders's JepaLoader wraps an ffcv.Loader whose `indices`
     lists what it reads; any other iterable gets a bar without a total."""

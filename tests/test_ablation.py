@@ -27,10 +27,12 @@ def record(variant, seed, top1, knn):
 
 def test_a_rerun_skips_every_recorded_run():
     plan = ablation.plan_runs(VARIANTS, [0, 1])
-    assert plan[:3] == [(ablation.RANDOM_INIT, 0), ("1 level", 0), ("2 levels", 0)]
+    assert plan[:4] == [(ablation.RANDOM_INIT, 0), (ablation.PIXELS, 0), ("1 level", 0), ("2 levels", 0)]
     results = {"runs": {ablation.result_key("1 level", 0): record("1 level", 0, 70.0, 60.0),
+                        ablation.result_key(ablation.PIXELS, 0): record(ablation.PIXELS, 0, 75.0, 80.0),
                         ablation.result_key(ablation.RANDOM_INIT, 1): record(ablation.RANDOM_INIT, 1, 60.0, 50.0)}}
-    assert ablation.pending(plan, results) == [(ablation.RANDOM_INIT, 0), ("2 levels", 0), ("1 level", 1), ("2 levels", 1)]
+    assert ablation.pending(plan, results) == [(ablation.RANDOM_INIT, 0), ("2 levels", 0), (ablation.PIXELS, 1),
+                                               ("1 level", 1), ("2 levels", 1)]
 
 
 def test_recorded_runs_with_other_overrides_are_refused():
@@ -81,7 +83,8 @@ def test_paired_differences_subtract_the_reference_at_the_seeds_both_have():
     assert "+2.5" in ablation.format_table(table, signed=True)
 
 
-@pytest.mark.parametrize("spec", ["no equals sign", "x=--model.num_levels", "x=num_levels=1"])
+@pytest.mark.parametrize("spec", ["no equals sign", "x=--model.num_levels", "x=num_levels=1",
+                                  "random init=--model.num_levels=1", "raw pixels=--model.num_levels=1"])
 def test_malformed_variants_are_user_errors(spec):
     with pytest.raises(UserError):
         ablation.parse_variants([spec], None)
@@ -128,6 +131,9 @@ def test_the_command_trains_probes_and_records_from_relative_paths(tiny_beton, t
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "out" / "results.json") as f:
         runs = json.load(f)["runs"]
-    assert sorted(runs) == sorted([ablation.result_key("1 level", 0), ablation.result_key(ablation.RANDOM_INIT, 0)])
+    assert sorted(runs) == sorted(ablation.result_key(name, 0) for name in ("1 level", *ablation.BASELINES))
     assert all(0 <= run["top1"] <= 100 for run in runs.values())
+    with open(tmp_path / "out" / "runs" / "raw_pixels-s0" / "probe.json") as f:
+        pixels = json.load(f)
+    assert (pixels["encoder"], pixels["feature_dim"]) == ("pixels", 3 * 32 * 32)  # the eval images, flattened
     assert (tmp_path / "out" / "ablation.png").is_file()

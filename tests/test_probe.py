@@ -94,6 +94,24 @@ def test_knn_result_does_not_depend_on_the_chunk_size():
 # Extraction and cache
 
 
+def test_cli_pixels_probes_the_images_themselves(betons, tmp_path):
+    out = tmp_path / "pixels.json"
+    proc = run_probe("--eval.pixels=1", "--data.image_size=16", f"--eval.train_dataset={betons[0]}",
+                     f"--eval.val_dataset={betons[1]}", "--eval.epochs=5", "--eval.min_steps=0", "--eval.num_workers=1",
+                     f"--eval.cache_dir={tmp_path / 'features'}", f"--eval.out={out}")
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as f:
+        result = json.load(f)
+    assert (result["encoder"], result["arch"], result["checkpoint"]) == ("pixels", "pixels", None)
+    assert result["feature_dim"] == 3 * 16 * 16
+    assert result["top1"] == 100.0  # dark against bright images: separable by their pixels
+
+
+def test_cli_pixels_with_a_checkpoint_fails_with_one_line(betons, checkpoint):
+    proc = run_probe(*probe_args(checkpoint, betons, "--eval.pixels=1"))
+    assert_one_line_error(proc, "eval.pixels", "without eval.checkpoint")
+
+
 def uint8_batches(num_batches, batch_size, image_size, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=g),
@@ -112,6 +130,17 @@ def test_extract_features_concatenates_the_last_k_blocks_ending_with_the_final_l
     assert labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert last3.shape == (6, 3 * encoder.embed_dim)
     torch.testing.assert_close(last3[:, -encoder.embed_dim:], last)
+
+
+def test_pixel_features_are_the_normalised_images_flattened():
+    from hjepa.loaders import normalize_images
+
+    batches = uint8_batches(2, 3, 8)
+    features, labels = probe.extract_features(probe.Pixels(), batches, device="cpu", dtype=torch.float32,
+                                              progress=False)
+    expected = torch.cat([normalize_images(images, "cpu", torch.float32).flatten(1) for images, _, _ in batches])
+    assert features.shape == (6, 3 * 8 * 8) and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    torch.testing.assert_close(features, expected, rtol=0, atol=0)
 
 
 def test_extract_features_keeps_labels_the_loader_overwrites_later():
