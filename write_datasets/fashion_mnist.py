@@ -20,7 +20,7 @@ from hjepa.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 from hjepa.writers import write_split, writer_config
 
 
-def first_per_class(labels, per_class, skip=0):
+def per_class_window(labels, per_class, skip=0):
     """Indices of the first `per_class` samples of every class in file order after the first `skip` of
     it, class-sorted (per_class 0 = every sample after the skipped ones)."""
     order = np.argsort(labels, kind="stable")  # (N,) class-sorted, file order within a class
@@ -42,7 +42,7 @@ def to_rgb(image, size):
 def main(argv=None):
     cfg = writer_config(__doc__, argv)
     images, labels = fashion_mnist_arrays(cfg["cfg.data_dir"], cfg["cfg.split"])
-    keep = first_per_class(labels, cfg["cfg.per_class"], cfg["cfg.skip_per_class"])
+    keep = per_class_window(labels, cfg["cfg.per_class"], cfg["cfg.skip_per_class"])
     if len(keep) == 0:
         raise UserError(f"no {cfg['cfg.split']} images left after skipping the first {cfg['cfg.skip_per_class']} "
                         "of each class")
