@@ -472,7 +472,8 @@ def _time_exact_target_blocks(run, cfg):
         trainer = Trainer(run, cfg, exact_targets=True)
         sizes = {}
         for step in range(3000):  # the block size is drawn per step, before and independently of the images
-            sizes.setdefault(trainer.masks(step).tgt_shape, step)
+            masks = sample_masks(trainer.masking, batch_size=1, grid_size=trainer.grid, seed=0, step=step)
+            sizes.setdefault(masks.tgt_shape, step)
         graphs0, batch, t0 = compiled_graphs(), run.kept["device_batch"], time.perf_counter()
         warmup = sorted(sizes.values())
         for step in warmup:

@@ -67,6 +67,10 @@ def test_unpadded_masks_keep_exactly_the_real_target_tokens_and_the_same_context
         assert torch.equal(cut.tgt_pos, m.tgt_pos[:th * tw]) and (cut.tgt_pos >= 0).all()
         assert torch.equal(cut.ctx_idx, m.ctx_idx) and cut.tgt_shape == m.tgt_shape
 
+def test_a_steps_block_size_does_not_depend_on_the_batch_size():
+    # Drawn first from the step's stream: a scan of block sizes can use one-image batches.
+    assert [masks(step, batch_size=1).tgt_shape for step in range(40)] == [masks(step).tgt_shape for step in range(40)]
+
 def test_target_padding_is_the_largest_block_the_scale_and_aspect_allow():
     # keep = int(196 * [0.15, 0.2]) = 29..39 patches at h/w in [0.75, 1.5]: the largest is 7 x 6 = 42
     # (keep 39 at h/w 7/6: round(sqrt(39 * 1.17)) = 7, round(sqrt(39 / 1.17)) = 6).
