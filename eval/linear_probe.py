@@ -182,7 +182,8 @@ def main(argv=None):
     os.replace(tmp, out)
 
     width = max(12, len(result["dataset"]) + 2)  # fashion_mnist, imagenet100+stl10, ...
-    print(f"\n{'dataset':<{width}}{'encoder':<9}{'arch':<11}{'train':>8}{'val':>7}{'top1':>8}{'top5':>8}{'knn top1':>10}")
+    print(f"\n{'dataset':<{width}}{'encoder':<9}{'arch':<11}{'train':>8}{'val':>7}{'top1':>8}{'top5':>8}"
+          f"{'knn top1':>10}")
     print(f"{result['dataset']:<{width}}{encoder_name:<9}{result['arch']:<11}{num_train:>8}{num_val:>7}"
           f"{result['top1']:>8.2f}{result['top5']:>8.2f}{knn:>10.2f}")
     print(f"wrote {out}", flush=True)
