@@ -12,8 +12,8 @@ variants are 1, 2 and 3 levels. Every (variant, seed) is a real `hjepa/train.py`
 target encoder (eval.seed = seed); every seed also probes a random-init encoder of the base
 architecture and the raw pixels (`eval/linear_probe.py --eval.pixels=1`: the same eval images,
 normalised and flattened, under the same probe; their features are extracted once, in
-<out>/runs/raw_pixels_features). <out>/results.json is rewritten after each finished step, which makes the whole
-command resumable: a rerun skips what is recorded, and a run cut off mid-training continues from its
+<out>/runs/raw_pixels_features). <out>/results.json is rewritten after each finished step, which
+makes the whole command resumable: a rerun skips what is recorded, and a run cut off mid-training continues from its
 last checkpoint (training.resume=auto); a rerun whose config resolves to other values (an edited
 --config file, another --set) or whose variant has other overrides is refused. Child output goes to
 train.log / probe.log in the run folder.
@@ -300,8 +300,8 @@ def main(argv=None):
                    cpus=os.cpu_count(), commit=git_commit(REPO))
     todo = pending(plan_runs(variants, seeds), results)
     done = len(plan_runs(variants, seeds)) - len(todo)
-    print(f"{len(variants)} variants x {len(seeds)} seeds + random init and raw pixels: {done} recorded, {len(todo)} to run "
-          f"(logs under {os.path.join(args.out, 'runs')})", flush=True)
+    print(f"{len(variants)} variants x {len(seeds)} seeds + random init and raw pixels: {done} recorded, "
+          f"{len(todo)} to run (logs under {os.path.join(args.out, 'runs')})", flush=True)
 
     from tqdm import tqdm
 

@@ -242,7 +242,7 @@ class Trainer:
         return sample_masks(self.masking, batch_size=self.batch, grid_size=self.grid, seed=0, step=step)
 
     def step(self, step, images, schedule=None):
-        masks = self.masks(step)  # (B, Nc), (T, B, Nt), (Nt, 2): the same shapes every step
+        masks = self.masks(step)  # (B, Nc), (T, B, Nt), (Nt, 2): the same shapes every step, unless cut
         if self.exact_targets:
             masks = unpadded(masks)
         masks = masks_to_device(masks, self.device)
@@ -450,9 +450,9 @@ def exact_target_blocks(run, cfg):
     """The configured ViT-S trainer with target blocks cut to the batch's real size (hjepa.masks.unpadded,
     the token count marked dynamic), timed on the GPU-resident batch like train_vit_small's padded blocks:
     with the default masks 5% fewer FLOPs. Returns the figures, or the error: torch 2.11's inductor
-    generated code for this graph that failed at its first run, by its look a slice of a mix-order reduction's
-    workspace (a layer norm's backward) whose dynamic size it printed without brackets (README "GPU
-    figures"). After an error, and when the budget still leaves train_vit_base its reserve, it tries once
+    generated code for this graph that failed at its first run, by its look a slice of a mix-order
+    reduction's workspace whose dynamic size it printed without brackets (README "GPU figures").
+    After an error, and when the budget still leaves train_vit_base its reserve, it tries once
     more with inductor's mix-order reductions off (`without_mix_order_reduction`): a workaround whose
     figures compare with the padded blocks' only if it, too, runs faster."""
     result = _time_exact_target_blocks(run, cfg)

@@ -257,6 +257,7 @@ def unpadded(masks):
     return Masks(ctx_idx=masks.ctx_idx, tgt_idx=masks.tgt_idx[..., :num_real].contiguous(),
                  tgt_pos=masks.tgt_pos[:num_real].contiguous(), tgt_shape=masks.tgt_shape)
 
+
 def _benchmark(batch_size=256, grid=(14, 14), calls=200):
     """Mean milliseconds per call with the default masking config."""
     config = MaskConfig()
