@@ -32,6 +32,8 @@ Sections, in order (data always runs; --sections picks among the others):
                    hardware.compile_mode (default or reduce-overhead: CUDA graphs), then target blocks
                    cut to their real size (no padding; that dimension dynamic) on the GPU-resident batch.
   train_vit_base   as train_vit_small, for ViT-B/16: last, as its compilation costs the most.
+The trainer and loader the training sections share are in bench/device_trainer.py, the variants section
+in bench/device_variants.py.
 
 Seconds budgeted per section (MIN_SECONDS; imports and CUDA start ~10, data always runs, ~10-15):
 loader 20, copy_race 45, train_vit_small 110, profile 15, short_run 30, variants 170, train_vit_base 100.
@@ -44,8 +46,6 @@ import time
 START = time.perf_counter()  # the budget counts from here: the imports below take seconds
 
 import argparse
-import copy
-import dataclasses
 import math
 import os
 import sys
@@ -54,28 +54,31 @@ import tempfile
 import numpy as np
 import torch
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # run as a script, this file's siblings import as bench.<module> from the root
+    sys.path.insert(0, REPO_ROOT)
+
+from bench.device_trainer import IN100_TRAIN_IMAGES, Trainer, train_loader
+from bench.device_variants import section_variants
 from hjepa.beton import read_manifest, write_beton
 from hjepa.budgeted_run import BudgetedRun
 from hjepa.compile_stats import compilation_records, compile_log, compiled_graphs, cudagraph_skips
 from hjepa.config import load_config
 from hjepa.copy_race import check_device_copies, direct_copy
 from hjepa.device_report import TARGET_STD_FLOOR, TARGETS, print_table
-from hjepa.loaders import build_train_loader, images_to_device, normalize_images
-from hjepa.engine import autocast_dtype, build_optimizer, compile_forward, masks_to_device, train_step
+from hjepa.loaders import images_to_device, normalize_images
+from hjepa.engine import autocast_dtype
 from hjepa.errors import UserError
-from hjepa.flops import datasheet_peak_tflops, train_flops_per_image
-from hjepa.masks import sample_masks, unpadded
-from hjepa.model import build_model
+from hjepa.flops import datasheet_peak_tflops
 from hjepa.runlog import cpu_model, git_commit
 from hjepa.schedules import schedule_values
-from hjepa.sections import data_config, mask_config, model_config, optim_config
+from hjepa.sections import optim_config
 from hjepa.sources import image_folder_samples
 from hjepa.step_profile import summarize_profile
 from hjepa.step_timing import (batches_forever, loader_fed_window, peak_memory_gib, reset_memory_stats, sync,
                                timed_window)
 from hjepa.synthetic import write_photo_like_folder
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("data", "loader", "copy_race", "train_vit_small", "profile", "short_run", "variants", "train_vit_base")
 # Seconds a section takes on one H100, compiles included (see the docstring): one that no longer fits
 # in what is left of --budget-s is skipped.
@@ -93,7 +96,6 @@ SMOKE = dict(config="rn_configs/cpu_demo.yaml", archs=("vit_micro", "vit_micro")
              profile_steps=2,
              compile_backend="eager",  # dynamo's graph capture and guards without minutes of inductor codegen
              min_seconds=dict.fromkeys(SECTIONS, 0))
-IN100_TRAIN_IMAGES = 126_689  # the ImageNet-100 train split (README)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,17 +157,6 @@ def section_data(run):
                short_side=cfg["cfg.short_side"], max_side=cfg["cfg.max_side"], jpeg_quality=cfg["cfg.jpeg_quality"])
 
 
-def train_loader(run, cfg):
-    """One train loader, shared by the sections: each new FFCV Loader pays its numba compilation."""
-    if "loader" not in run.kept:
-        if "beton" not in run.kept:
-            raise RuntimeError("no beton: the data section did not run")
-        run.kept["loader"] = build_train_loader(dataclasses.replace(
-            data_config(cfg), train_dataset=run.kept["beton"], num_workers=run.args.num_workers or os.cpu_count(),
-            in_memory=True, order="random", seed=0))
-    return run.kept["loader"]
-
-
 def section_loader(run):
     loader = train_loader(run, run.config(run.size["archs"][0]))
     dtype = autocast_dtype(run.device, True) or torch.float32
@@ -214,44 +205,6 @@ def section_copy_race(run):
 
 # ----------------------------------------------------------------------------------------------
 # train_vit_small, profile, short_run, variants, train_vit_base (timed windows: hjepa.step_timing)
-
-
-class Trainer:
-    """A model, its optimizer and compiled forward, stepped as hjepa/train.py steps them."""
-
-    def __init__(self, run, cfg, exact_targets=False):
-        self.cfg, self.device, self.batch = cfg, run.device, cfg["data.batch_size"]
-        self.exact_targets = exact_targets  # blocks cut to their real size, that dimension dynamic
-        torch.manual_seed(0)
-        self.model = build_model(model_config(cfg)).to(self.device)
-        self.initial_state = copy.deepcopy(self.model.state_dict())
-        self.optimizer = self.new_optimizer()
-        self.compile_mode = cfg["hardware.compile_mode"]
-        self.forward = compile_forward(self.model, self.compile_mode, backend=run.size["compile_backend"])
-        self.amp_dtype = autocast_dtype(self.device, cfg["hardware.bf16"])
-        self.masking, self.grid = mask_config(cfg), self.model.grid_size
-        self.flops = train_flops_per_image(self.model.model_config, masking=self.masking,
-                                           num_patches=self.grid[0] * self.grid[1])
-
-    def new_optimizer(self):
-        optim = optim_config(self.cfg)  # as hjepa/train.py builds it (each step's schedule sets lr and wd)
-        return build_optimizer(self.model, lr=optim.peak_lr(self.batch), weight_decay=optim.weight_decay,
-                               betas=(optim.beta1, optim.beta2))
-
-    def masks(self, step):
-        return sample_masks(self.masking, batch_size=self.batch, grid_size=self.grid, seed=0, step=step)
-
-    def step(self, step, images, schedule=None):
-        masks = self.masks(step)  # (B, Nc), (T, B, Nt), (Nt, 2): the same shapes every step, unless cut
-        if self.exact_targets:
-            masks = unpadded(masks)
-        masks = masks_to_device(masks, self.device)
-        if self.exact_targets:  # one graph for every block size
-            torch._dynamo.mark_dynamic(masks.tgt_idx, 2)
-            torch._dynamo.mark_dynamic(masks.tgt_pos, 0)
-        x = normalize_images(images, self.device, self.amp_dtype or torch.float32)  # (B, 3, H, W)
-        return train_step(self.model, self.forward, self.optimizer, x, masks,
-                          **(schedule or dict(lr=1e-4, weight_decay=0.05, momentum=0.996)), amp_dtype=self.amp_dtype)
 
 
 def section_train(arch_index):
@@ -375,117 +328,6 @@ def section_profile(run):
     run.record(arch=trainer.cfg["model.arch"], steps=steps, timed=timed,
                host_queue_ms_per_step=round(float(np.median(host_ms)), 2), wall_ms_per_step=round(wall, 2),
                busy_fraction=round(summary["total_ms_per_step"] / wall, 4), **summary)
-
-
-def fewer_workers(workers):
-    """Loader thread counts to try besides `workers`: the trainer's own thread needs a core too."""
-    return sorted({max(1, workers - 4), max(1, workers // 2)} - {workers}, reverse=True)
-
-
-def section_variants(run):
-    """ViT-S alternatives, timed as train_vit_small times them: the loader-fed window at fewer loader
-    threads, with ImageNet-100-long epochs and with FFCV's per-epoch buffer allocation, then a trainer
-    compiled in the other hardware.compile_mode (reduce-overhead: CUDA graphs; inductor only: with
-    --smoke's eager backend no mode is applied)."""
-    trainer = run.kept.pop("vit_small", None)
-    if trainer is None:
-        raise RuntimeError("no ViT-S trainer: train_vit_small did not run")
-    cfg, steps, first = run.config(run.size["archs"][0]), run.size["timed_steps"], 200_000
-    trainer.optimizer = trainer.new_optimizer()
-    workers = run.args.num_workers or os.cpu_count()
-    by_workers = {workers: loader_fed_window(trainer, train_loader(run, cfg), steps, first, run.peak_tflops)}
-    for count in fewer_workers(workers):
-        loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
-                                                        num_workers=count, in_memory=True, order="random", seed=0))
-        try:
-            by_workers[count] = loader_fed_window(trainer, loader, steps, first, run.peak_tflops)
-        finally:
-            loader.close()
-    run.record(loader_fed_by_workers={str(count): window for count, window in by_workers.items()})
-    # The generated beton holds 4,000 images, 15 batches of 256: FFCV starts an epoch every 15 steps (a
-    # new thread and first batch), where ImageNet-100 starts one every 494. An epoch as long as
-    # ImageNet-100's, drawn with repetition, shows what that costs; a loader given back FFCV's own
-    # allocation (fresh output buffers, pinned, at every epoch start) shows what allocating once saves.
-    long_epochs = dict(epoch_samples=IN100_TRAIN_IMAGES)
-    for name, overrides, fresh_buffers in (("loader_fed_long_epochs", long_epochs, False),
-                                           ("loader_fed_fresh_buffers_each_epoch", {}, True)):
-        loader = build_train_loader(dataclasses.replace(data_config(cfg), train_dataset=run.kept["beton"],
-                                                        num_workers=workers, in_memory=True, order="random", seed=0,
-                                                        **overrides))
-        if fresh_buffers:
-            del loader.loader.graph.allocate_memory  # hjepa.loaders' allocate-once wrapper: FFCV's method again
-        try:
-            window = loader_fed_window(trainer, loader, steps, first, run.peak_tflops)
-        finally:
-            loader.close()
-        run.record(**{name: dict(num_workers=workers, **overrides, **window)})
-    configured = trainer.compile_mode
-    del trainer
-
-    torch._dynamo.reset()
-    memory0 = reset_memory_stats(run.device)
-    other = "default" if configured == "reduce-overhead" else "reduce-overhead"
-    trainer = Trainer(run, run.config(run.size["archs"][0], {"hardware.compile_mode": other}))
-    log0, graphs0, skips0 = len(compilation_records()), compiled_graphs(), cudagraph_skips()
-    batch, warmup = run.kept["device_batch"], run.size["warmup_steps"]
-    t0 = time.perf_counter()
-    for step in range(warmup):
-        trainer.step(step, batch)
-    sync(run.device)
-    warmup_s, graphs_warm = time.perf_counter() - t0, compiled_graphs()
-    device_batch = timed_window(trainer, lambda: batch, steps, warmup, run.peak_tflops)
-    loader_fed = loader_fed_window(trainer, train_loader(run, cfg), steps, warmup + steps, run.peak_tflops)
-    run.record(other_compile_mode=dict(compile_mode=other, applied=run.size["compile_backend"] == "inductor",
-                                       warmup_steps=warmup, warmup_s=round(warmup_s, 1),
-                                       graphs_compiled_in_warmup=graphs_warm - graphs0,
-                                       recompiles_after_warmup=compiled_graphs() - graphs_warm,
-                                       compiles=compile_log(log0), cudagraph_skips=cudagraph_skips() - skips0,
-                                       device_batch=device_batch, loader_fed=loader_fed,
-                                       peak_memory_above_start_gib=peak_memory_gib(run.device, memory0)))
-    del trainer
-    run.record(exact_target_blocks=exact_target_blocks(run, cfg))
-
-
-def exact_target_blocks(run, cfg):
-    """The configured ViT-S trainer with target blocks cut to the batch's real size (hjepa.masks.unpadded,
-    the token count marked dynamic), timed on the GPU-resident batch like train_vit_small's padded blocks:
-    with the default masks 5% fewer FLOPs. Returns the figures, or the error: torch 2.11's inductor
-    generated code for this graph that failed at its first run, by its look a slice of a mix-order
-    reduction's workspace whose dynamic size it printed without brackets (README "GPU figures").
-    After an error, and when the budget still leaves train_vit_base its reserve, it tries once
-    more with inductor's mix-order reductions off (`without_mix_order_reduction`): a workaround whose
-    figures compare with the padded blocks' only if it, too, runs faster."""
-    result = _time_exact_target_blocks(run, cfg)
-    reserve = MIN_SECONDS["train_vit_base"] + 60  # one more compile and window
-    if "error" in result and run.budget_s - run.elapsed() > reserve:
-        import torch._inductor.config as inductor_config
-        with inductor_config.patch({"triton.mix_order_reduction": False}):
-            result["without_mix_order_reduction"] = _time_exact_target_blocks(run, cfg)
-    return result
-
-
-def _time_exact_target_blocks(run, cfg):
-    """Warm-up runs one step of every block size the draws make (CUDA graphs are recorded per size), so the
-    timed window records none."""
-    torch._dynamo.reset()
-    try:
-        trainer = Trainer(run, cfg, exact_targets=True)
-        sizes = {}
-        for step in range(3000):  # the block size is drawn per step, before and independently of the images
-            masks = sample_masks(trainer.masking, batch_size=1, grid_size=trainer.grid, seed=0, step=step)
-            sizes.setdefault(masks.tgt_shape, step)
-        graphs0, batch, t0 = compiled_graphs(), run.kept["device_batch"], time.perf_counter()
-        warmup = sorted(sizes.values())
-        for step in warmup:
-            trainer.step(step, batch)
-        sync(run.device)
-        warmup_s, graphs_warm = time.perf_counter() - t0, compiled_graphs()
-        window = timed_window(trainer, lambda: batch, run.size["timed_steps"], 3000)
-        return dict(block_sizes=len(sizes), warmup_steps=len(warmup), warmup_s=round(warmup_s, 1),
-                    graphs_compiled_in_warmup=graphs_warm - graphs0,
-                    recompiles_after_warmup=compiled_graphs() - graphs_warm, device_batch=window)
-    except Exception as e:  # a variant: its failure is a finding, the section's other figures stand
-        return dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 SECTION_FUNCTIONS = {"data": section_data, "loader": section_loader, "copy_race": section_copy_race,

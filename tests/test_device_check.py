@@ -125,7 +125,7 @@ def test_variants_section_times_thread_counts_long_epochs_fresh_buffers_the_othe
 def test_cut_blocks_variant_retries_once_with_mix_order_reductions_off_after_an_error_if_time_allows(monkeypatch):
     import torch._inductor.config as inductor_config
 
-    from bench import device_check
+    from bench import device_check, device_variants
 
     attempts = []  # inductor's mix-order setting at each attempt
 
@@ -133,17 +133,18 @@ def test_cut_blocks_variant_retries_once_with_mix_order_reductions_off_after_an_
         attempts.append(inductor_config.triton.mix_order_reduction)
         return {"error": "RuntimeError: shape"} if len(attempts) == 1 else {"device_batch": {"img_s": 1.0}}
 
-    monkeypatch.setattr(device_check, "_time_exact_target_blocks", failing_then_working)
+    monkeypatch.setattr(device_variants, "_time_exact_target_blocks", failing_then_working)
 
-    class Run:  # the budget as BudgetedRun keeps it
+    class Run:  # the budget as BudgetedRun keeps it, the sections' time reserves as the GPU run has them
         budget_s = 470.0
+        size = {"min_seconds": device_check.MIN_SECONDS}
 
         def __init__(self, elapsed):
             self.elapsed = lambda: elapsed
 
-    result = device_check.exact_target_blocks(Run(elapsed=100.0), cfg=None)
+    result = device_variants.exact_target_blocks(Run(elapsed=100.0), cfg=None)
     assert attempts == [True, False] and inductor_config.triton.mix_order_reduction is True  # restored
     assert result == {"error": "RuntimeError: shape", "without_mix_order_reduction": {"device_batch": {"img_s": 1.0}}}
     attempts.clear()
-    assert device_check.exact_target_blocks(Run(elapsed=400.0), cfg=None) == {"error": "RuntimeError: shape"}
+    assert device_variants.exact_target_blocks(Run(elapsed=400.0), cfg=None) == {"error": "RuntimeError: shape"}
     assert attempts == [True]  # no time left for a second compile before train_vit_base
