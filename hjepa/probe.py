@@ -69,7 +69,7 @@ class Pixels(torch.nn.Module):
     `extract_features` returns the raw-pixel features (C*H*W) that a linear probe of a learned encoder
     is compared with: what the probe reaches with no encoder at all."""
 
-    depth = 1
+    depth = 1  # one 'block': eval/linear_probe.py checks eval.last_k_blocks against an encoder's depth
 
     def forward_features(self, x):  # (B, C, H, W) -> (B, 1, C*H*W)
         return x.flatten(1).unsqueeze(1)
