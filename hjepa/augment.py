@@ -28,6 +28,8 @@ from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
+from hjepa.transpose import transpose
+
 CROP_STREAM, FLIP_STREAM, JITTER_STREAM = 1, 2, 3
 _U64 = np.uint64
 
@@ -166,13 +168,62 @@ def _num_taps(start, length, out_size):
     return taps
 
 
-_BLOCK = 16  # rows (and columns) handled together so that the transposes below move whole tiles
+_BLOCK = 16  # output rows (and columns) computed together, then moved as whole 8x8 tiles
+_STRIP = 64  # output rows resampled per strip, so that a strip's buffers stay in the core's L2 cache
 
 
 def scratch_floats(max_width, out_h, out_w):
-    """Length of the float32 scratch `resize_crop` needs for images up to max_width wide: the
-    vertical pass (max_width + 1 columns) and the converted output, planar (out_w columns)."""
-    return (max_width + 1 + out_w) * out_h * 3
+    """Length of the float32 scratch `resize_crop` needs for images up to max_width wide: one strip
+    of the vertical pass (max_width + 1 columns) and of the converted output (out_w columns)."""
+    return (max_width + 1 + out_w) * min(out_h, _STRIP) * 3
+
+
+@njit(inline="always")
+def _mean_gray(rows_in, first_y, weights_y, first_x, weights_x, x0):
+    """The resized crop's mean grey (before brightness and clamping): the resize is a linear map with
+    non-negative weights, so each output channel's sum is the source weighted by how much every
+    source row and column contributes in total."""
+    out_h, taps_y = weights_y.shape
+    out_w, taps_x = weights_x.shape
+    y_lo = first_y[0]
+    row_weight = np.zeros(first_y[out_h - 1] + taps_y - y_lo, np.float32)
+    for oy in range(out_h):
+        for k in range(taps_y):
+            row_weight[first_y[oy] + k - y_lo] += weights_y[oy, k]
+    columns = np.zeros(rows_in.shape[1], np.float32)  # (nx * 3,), interleaved
+    for y in range(row_weight.shape[0]):
+        w, source = row_weight[y], rows_in[y_lo + y]
+        if w != 0.0:
+            for i in range(columns.shape[0]):
+                columns[i] += w * np.float32(source[i])
+    sums = np.zeros(3)
+    for ox in range(out_w):
+        for k in range(taps_x):
+            x = first_x[ox] + k - x0
+            for c in range(3):
+                sums[c] += weights_x[ox, k] * columns[3 * x + c]
+    return (0.299 * sums[0] + 0.587 * sums[1] + 0.114 * sums[2]) / (out_h * out_w)
+
+
+@njit(inline="always")
+def _filter_row(out, table, first, weights, gain, n):
+    """out[:n] = gain * sum over k of weights[k] * table[first + k, :n]: one resize tap set applied to
+    whole rows, four taps per pass over memory (taps past the end weigh 0 and repeat the last row)."""
+    taps, last = weights.shape[0], first + weights.shape[0] - 1
+    zero = np.float32(0.0)
+    for k in range(0, taps, 4):
+        r0, r1 = table[first + k], table[min(first + k + 1, last)]
+        r2, r3 = table[min(first + k + 2, last)], table[min(first + k + 3, last)]
+        w0 = gain * weights[k]
+        w1 = gain * weights[k + 1] if k + 1 < taps else zero
+        w2 = gain * weights[k + 2] if k + 2 < taps else zero
+        w3 = gain * weights[k + 3] if k + 3 < taps else zero
+        if k == 0:
+            for i in range(n):
+                out[i] = (w0 * np.float32(r0[i]) + w1 * np.float32(r1[i])) + (w2 * np.float32(r2[i]) + w3 * np.float32(r3[i]))
+        else:
+            for i in range(n):
+                out[i] += (w0 * np.float32(r0[i]) + w1 * np.float32(r1[i])) + (w2 * np.float32(r2[i]) + w3 * np.float32(r3[i]))
 
 
 @njit(fastmath=True, nogil=True)
@@ -186,12 +237,12 @@ def resize_crop(image, top, left, height, width, dst, flip, scratch, scale, shif
     v * scale[c] + shift[c] in dst's dtype: scale 1, shift 0.5 rounds to uint8; scale 1/(255 std),
     shift -mean/std gives normalised floats. scratch: float32, `scratch_floats` long.
 
-    Two separable passes: vertical on image rows (contiguous, vectorised), written transposed and
-    channel-planar so that the horizontal pass, the jitter and the conversion also run on contiguous
-    memory, into a planar copy of the whole output (in scratch); a last pass interleaves it into dst
-    row by row. Interleaving each block of 8 columns straight into dst instead (short row segments
-    2.7 KB apart in a batch buffer far larger than the caches) gave the loader 12% fewer normalised
-    float32 images/s (bench/loader_throughput.py, README "Results").
+    Strips of _STRIP output rows, each in two separable passes: vertical on image rows (contiguous,
+    vectorised), transposed and channel-planar so that the horizontal pass, the jitter and the
+    conversion also run on contiguous memory; then the strip, transposed back, into its rows of dst.
+    The transposes move 8x8 tiles as SIMD shuffles (`hjepa.transpose`): as scalar loops they took
+    about 40% of the time. Strips keep a strip's buffers in L2 (the whole image's, ~1.3 MB at 224 px,
+    spilled from it beside a float32 output).
     """
     out_h, out_w = dst.shape[0], dst.shape[1]
     taps_y, taps_x = _num_taps(top, height, out_h), _num_taps(left, width, out_w)
@@ -202,75 +253,45 @@ def resize_crop(image, top, left, height, width, dst, flip, scratch, scale, shif
     x0 = int(np.floor(left))
     nx = int(np.ceil(left + width)) - x0  # source columns the crop touches
     rows_in = image.reshape(image.shape[0], image.shape[1] * 3)[:, 3 * x0:3 * (x0 + nx)]  # (H, nx * 3)
-    m = out_h * 3
-    cols = scratch[:nx * m].reshape(nx, m)  # cols[x, c * out_h + oy]: the vertical pass, transposed, planar
-    # 1. vertical pass, _BLOCK output rows at a time; column sums for the mean grey of step 2
-    rows = np.empty((_BLOCK, nx * 3), np.float32)
-    column_sums = np.zeros(nx * 3, np.float32)
-    for oy0 in range(0, out_h, _BLOCK):
-        nb = min(_BLOCK, out_h - oy0)
-        for b in range(nb):
-            row = rows[b]
-            row[:] = 0.0
-            for k in range(taps_y):
-                wk = weights_y[oy0 + b, k]
-                source = rows_in[first_y[oy0 + b] + k]
-                for i in range(nx * 3):
-                    row[i] += wk * np.float32(source[i])
-            for i in range(nx * 3):
-                column_sums[i] += row[i]  # (nx * 3,) interleaved
-        for x in range(nx):
-            column = cols[x]
-            for c in range(3):
-                for b in range(nb):
-                    column[c * out_h + oy0 + b] = rows[b, 3 * x + c]
-    # 2. contrast blends towards the mean grey of the brightened image. The filter's weights are
-    # non-negative, so the output is a linear map of the columns: its channel sums follow from theirs.
+    # Contrast blends towards the mean grey of the brightened image, needed before the first strip.
     bright, contrast, saturation = np.float32(bright), np.float32(contrast), np.float32(saturation)
     offset = np.float32(0.0)
     if contrast != 1.0:
-        sums = np.zeros(3)
-        for ox in range(out_w):
-            for k in range(taps_x):
-                x = first_x[ox] + k - x0
-                for c in range(3):
-                    sums[c] += weights_x[ox, k] * column_sums[3 * x + c]
-        mean_gray = bright * (0.299 * sums[0] + 0.587 * sums[1] + 0.114 * sums[2]) / (out_h * out_w)
-        offset = np.float32((1.0 - contrast) * mean_gray)
-    # 3. horizontal pass, _BLOCK output columns at a time, then the jitter and the output conversion
-    # (on contiguous planes) into converted[x, c, oy], mirrored when flipping
-    acc = np.empty((_BLOCK, m), np.float32)
-    converted = scratch[nx * m:(nx + out_w) * m].reshape(out_w, 3, out_h)
+        offset = np.float32((1.0 - contrast) * bright * _mean_gray(rows_in, first_y, weights_y, first_x, weights_x, x0))
     s0, s1, s2 = np.float32(scale[0]), np.float32(scale[1]), np.float32(scale[2])
     t0, t1, t2 = np.float32(shift[0]), np.float32(shift[1]), np.float32(shift[2])
-    full = np.float32(255.0)
-    for ox0 in range(0, out_w, _BLOCK):
-        nb = min(_BLOCK, out_w - ox0)
-        for b in range(nb):
-            a = acc[b]
-            a[:] = 0.0
-            for k in range(taps_x):
-                wk = weights_x[ox0 + b, k] * bright
-                column = cols[first_x[ox0 + b] + k - x0]
-                for i in range(m):
-                    a[i] += wk * column[i]
-            red, green, blue = a[:out_h], a[out_h:2 * out_h], a[2 * out_h:]
-            x = out_w - 1 - (ox0 + b) if flip else ox0 + b
-            out_red, out_green, out_blue = converted[x, 0], converted[x, 1], converted[x, 2]
-            for oy in range(out_h):
-                r, g, bl = _jitter_pixel(min(red[oy], full), min(green[oy], full), min(blue[oy], full),
-                                         contrast, offset, saturation)
-                out_red[oy] = r * s0 + t0
-                out_green[oy] = g * s1 + t1
-                out_blue[oy] = bl * s2 + t2
-    # 4. interleave into dst, one whole row at a time
-    out_rows = dst.reshape(out_h, out_w * 3)
-    for oy in range(out_h):
-        row = out_rows[oy]
-        for x in range(out_w):
-            row[3 * x] = converted[x, 0, oy]
-            row[3 * x + 1] = converted[x, 1, oy]
-            row[3 * x + 2] = converted[x, 2, oy]
+    one, full = np.float32(1.0), np.float32(255.0)
+    rows = np.empty((_BLOCK, nx * 3), np.float32)
+    acc = np.empty((_BLOCK, 3 * min(out_h, _STRIP)), np.float32)
+    for sy0 in range(0, out_h, _STRIP):
+        sh = min(_STRIP, out_h - sy0)
+        m = 3 * sh
+        cols = scratch[:nx * m].reshape(nx, m)  # cols[x, c * sh + oy - sy0]: the vertical pass, transposed
+        converted = scratch[nx * m:(nx + out_w) * m].reshape(out_w, 3, sh)
+        # 1. vertical pass, _BLOCK output rows at a time
+        for oy0 in range(sy0, sy0 + sh, _BLOCK):
+            nb = min(_BLOCK, sy0 + sh - oy0)
+            for b in range(nb):
+                _filter_row(rows[b], rows_in, first_y[oy0 + b], weights_y[oy0 + b], one, nx * 3)
+            transpose(rows, 0, nx * 3, scratch, oy0 - sy0, sh, nb, nx * 3)  # cols[x, c, oy] = rows[b, 3x + c]
+        # 2. horizontal pass, _BLOCK output columns at a time, then the jitter and the output
+        # conversion (on contiguous planes) into converted[x, c, oy - sy0], mirrored when flipping
+        for ox0 in range(0, out_w, _BLOCK):
+            nb = min(_BLOCK, out_w - ox0)
+            for b in range(nb):
+                a = acc[b]
+                _filter_row(a, cols, first_x[ox0 + b] - x0, weights_x[ox0 + b], bright, m)
+                red, green, blue = a[:sh], a[sh:2 * sh], a[2 * sh:]
+                x = out_w - 1 - (ox0 + b) if flip else ox0 + b
+                out_red, out_green, out_blue = converted[x, 0], converted[x, 1], converted[x, 2]
+                for oy in range(sh):
+                    r, g, bl = _jitter_pixel(min(red[oy], full), min(green[oy], full), min(blue[oy], full),
+                                             contrast, offset, saturation)
+                    out_red[oy] = r * s0 + t0
+                    out_green[oy] = g * s1 + t1
+                    out_blue[oy] = bl * s2 + t2
+        # 3. the strip into dst: converted is (out_w * 3, sh) read as a matrix, dst (out_h, out_w * 3)
+        transpose(scratch, nx * m, sh, dst, sy0 * out_w * 3, out_w * 3, out_w * 3, sh)
 
 
 @njit(inline="always")

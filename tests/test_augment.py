@@ -128,3 +128,10 @@ def test_float32_loader_output_is_the_uint8_output_normalised(small_image_beton)
     assert as_float.dtype == torch.float32 and as_float.shape == (8, 3, 48, 48)
     expected = loaders.normalize_images(as_uint8, "cpu", torch.float32)
     assert float((as_float - expected).abs().max()) <= HALF_GREY_LEVEL
+
+
+def test_an_output_taller_than_a_strip_and_not_a_whole_number_of_tiles_matches_torchvision():
+    image = photo(320, 420)  # 150 px: two strips of rows, and rows and columns past the last 8x8 tile
+    resized = ours(image, 7, 12, 300, 400, 150)
+    assert mean_abs_difference(resized, torchvision_resized_crop(image, 7, 12, 300, 400, 150)) <= MAX_MEAN_GREY_LEVELS
+    assert np.array_equal(ours(image, 7, 12, 300, 400, 150, flip=True), resized[:, ::-1])

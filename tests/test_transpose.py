@@ -1,0 +1,23 @@
+"""The SIMD tile transpose that the loaders' resize uses: exact, at any shape, offset and stride."""
+import numpy as np
+import pytest
+from numba import njit
+
+from hjepa.transpose import transpose
+
+
+@njit
+def transpose_block(src, src_offset, src_stride, dst, dst_offset, dst_stride, rows, cols):
+    transpose(src, src_offset, src_stride, dst, dst_offset, dst_stride, rows, cols)
+
+
+@pytest.mark.parametrize("rows, cols", [(8, 8), (16, 24), (13, 21), (3, 5), (24, 7)])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_a_block_lands_transposed_and_nothing_around_it_moves(rows, cols, dtype):
+    rng = np.random.default_rng(rows * 100 + cols)
+    src = (rng.random((rows + 3, cols + 11)) * 250).astype(np.float32)  # the block sits inside a wider matrix
+    dst = np.full((cols + 2, rows + 9), 7, dtype)
+    transpose_block(src, 1 * src.shape[1] + 2, src.shape[1], dst, 1 * dst.shape[1] + 4, dst.shape[1], rows, cols)
+    expected = np.full_like(dst, 7)
+    expected[1:1 + cols, 4:4 + rows] = src[1:1 + rows, 2:2 + cols].T.astype(dtype)  # uint8: truncation
+    assert np.array_equal(dst, expected)
