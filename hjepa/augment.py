@@ -180,29 +180,31 @@ def scratch_floats(max_width, out_h, out_w):
 
 @njit(inline="always")
 def _mean_gray(rows_in, first_y, weights_y, first_x, weights_x, x0):
-    """The resized crop's mean grey (before brightness and clamping): the resize is a linear map with
-    non-negative weights, so each output channel's sum is the source weighted by how much every
-    source row and column contributes in total."""
+    """The resized crop's mean grey (before brightness and clamping), from the source: the resize is
+    linear, so the output's grey sum is the source weighted by how much each source row and column
+    contributes in total (a dot product per source row, the luma coefficients in the column weights)."""
     out_h, taps_y = weights_y.shape
     out_w, taps_x = weights_x.shape
+    column_weight = np.zeros(rows_in.shape[1], np.float32)  # (nx * 3,), interleaved as the rows
+    for ox in range(out_w):
+        for k in range(taps_x):
+            x, w = first_x[ox] + k - x0, weights_x[ox, k]
+            column_weight[3 * x] += np.float32(0.299) * w
+            column_weight[3 * x + 1] += np.float32(0.587) * w
+            column_weight[3 * x + 2] += np.float32(0.114) * w
     y_lo = first_y[0]
     row_weight = np.zeros(first_y[out_h - 1] + taps_y - y_lo, np.float32)
     for oy in range(out_h):
         for k in range(taps_y):
             row_weight[first_y[oy] + k - y_lo] += weights_y[oy, k]
-    columns = np.zeros(rows_in.shape[1], np.float32)  # (nx * 3,), interleaved
+    total = 0.0
     for y in range(row_weight.shape[0]):
-        w, source = row_weight[y], rows_in[y_lo + y]
-        if w != 0.0:
-            for i in range(columns.shape[0]):
-                columns[i] += w * np.float32(source[i])
-    sums = np.zeros(3)
-    for ox in range(out_w):
-        for k in range(taps_x):
-            x = first_x[ox] + k - x0
-            for c in range(3):
-                sums[c] += weights_x[ox, k] * columns[3 * x + c]
-    return (0.299 * sums[0] + 0.587 * sums[1] + 0.114 * sums[2]) / (out_h * out_w)
+        if row_weight[y] != 0.0:
+            source, dot = rows_in[y_lo + y], np.float32(0.0)
+            for i in range(column_weight.shape[0]):
+                dot += column_weight[i] * np.float32(source[i])
+            total += row_weight[y] * dot
+    return total / (out_h * out_w)
 
 
 @njit(inline="always")
