@@ -1,16 +1,30 @@
-"""Matrix transposes for numba code, 8x8 tiles at a time as SIMD shuffles.
+"""Operations numba cannot express, written in LLVM IR as numba intrinsics, for the loaders' ops.
 
-The loaders' resize (`hjepa.augment.resize_crop`) transposes twice per image so that both of its
-passes run on contiguous memory. Written as scalar loops, those two transposes took about 40% of
-the resize: numba has no way to ask for vector shuffles, and LLVM does not find them in a scalar
-transpose. `transpose_8x8` writes the shuffles itself in LLVM IR (eight 8-wide loads, the three
-unpack stages of the classic 8x8 transpose, eight 8-wide stores); `shufflevector` is target-
-independent IR, so it compiles on any CPU (AVX: vunpcklps / vshufps / vperm2f128), not only x86.
+- `void_pointer`: an address as a pointer, to read memory that changes between calls of compiled
+  code (numba freezes closure variables as constants).
+- `transpose_8x8` / `transpose`: matrix transposes, 8x8 tiles at a time as SIMD shuffles. The
+  loaders' resize (`hjepa.augment.resize_crop`) transposes twice per image so that both of its passes
+  run on contiguous memory. Written as scalar loops, those transposes took about 40% of the resize:
+  numba has no way to ask for vector shuffles, and LLVM does not find them in a scalar transpose.
+  `shufflevector` is target-independent IR, so this compiles on any CPU (AVX: vunpcklps / vshufps /
+  vperm2f128), not only x86.
+- `prefetch_for_write`: PREFETCHW of a line about to be written (the resize's output rows, in a batch
+  buffer far larger than the caches).
 """
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
+
+
+@intrinsic
+def void_pointer(typingctx, address):
+    """uint64 address -> void* in nopython code (read with numba.carray)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.uint64), codegen
+
 
 # Shuffle masks of the three stages: interleave 32-bit elements, then 64-bit pairs (within 128-bit
 # lanes), then swap 128-bit halves. Output k of stage 3 is column k of the tile.
@@ -83,3 +97,22 @@ def transpose(src, src_offset, src_stride, dst, dst_offset, dst_stride, rows, co
     for i in range(rows):
         for j in range(tile_cols if i < tile_rows else 0, cols):
             target[dst_offset + j * dst_stride + i] = source[src_offset + i * src_stride + j]
+
+
+@intrinsic
+def prefetch_for_write(typingctx, array, offset):
+    """Ask the cache for the line holding array.flat[offset], to be written soon (llvm.prefetch with
+    rw=1: PREFETCHW on x86; a no-op on targets without one). No effect on results."""
+    if not isinstance(array, types.Array):
+        raise TypingError(f"prefetch_for_write takes an array, got {array}")
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        signature_ir = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+        prefetch = builder.module.declare_intrinsic("llvm.prefetch", [address.type], signature_ir)
+        builder.call(prefetch, [address, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, offset), codegen

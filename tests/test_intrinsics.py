@@ -1,9 +1,10 @@
-"""The SIMD tile transpose that the loaders' resize uses: exact, at any shape, offset and stride."""
+"""The LLVM-IR operations of the loaders' ops: the tile transpose is exact at any shape, offset and
+stride; the write prefetch changes nothing."""
 import numpy as np
 import pytest
 from numba import njit
 
-from hjepa.transpose import transpose
+from hjepa.intrinsics import prefetch_for_write, transpose
 
 
 @njit
@@ -21,3 +22,15 @@ def test_a_block_lands_transposed_and_nothing_around_it_moves(rows, cols, dtype)
     expected = np.full_like(dst, 7)
     expected[1:1 + cols, 4:4 + rows] = src[1:1 + rows, 2:2 + cols].T.astype(dtype)  # uint8: truncation
     assert np.array_equal(dst, expected)
+
+
+@njit
+def prefetch_every_line(a):
+    for i in range(0, a.size, 16):
+        prefetch_for_write(a, i)
+
+
+def test_prefetching_for_write_leaves_the_memory_as_it_was():
+    a = np.arange(1000, dtype=np.float32)
+    prefetch_every_line(a)
+    assert np.array_equal(a, np.arange(1000, dtype=np.float32))
