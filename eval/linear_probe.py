@@ -4,12 +4,15 @@
         --eval.train_dataset=data/imagenet100_train.beton --eval.val_dataset=data/imagenet100_val.beton
     python eval/linear_probe.py --eval.random_init=1 --model.arch=vit_small --data.image_size=224 ...
     python eval/linear_probe.py --eval.pixels=1 --data.image_size=64 ...   # raw pixels, no encoder
+    python eval/linear_probe.py --eval.checkpoint=... --eval.tokens=grid ...   # every token, not their mean
     python -m eval.linear_probe ...   # the same, from the repository root
 
 Features (average-pooled tokens of the target encoder, or --eval.encoder=context) are extracted once
 through the eval FFCV pipeline and cached in --eval.cache_dir (default <checkpoint dir>/features);
 then a BatchNorm1d(affine=False)+Linear probe is trained on them and a weighted k-NN is scored.
-Prints a table and writes JSON to --eval.out (default <checkpoint dir>/probe_<dataset>_<encoder>.json).
+With --eval.tokens=grid the features are the whole token grid, flattened (tokens x width), to measure
+what the average pooling discards. Prints a table and writes JSON to --eval.out (default
+<checkpoint dir>/probe_<dataset>_<encoder>.json, probe_<dataset>_<encoder>_grid.json for the grid).
 """
 import datetime
 import json
@@ -29,7 +32,7 @@ CACHE_VERSION = 2  # 2: labels copied out of FFCV's reused buffers (v1 caches ho
 READS = ("eval", "model.arch", "model.patch_size", "data.image_size", "data.in_memory", "logging.progress")
 
 
-PIXEL_FEATURE_BYTES = 8 * 2**30  # raw-pixel features of both betons held in memory at most (float32)
+FEATURE_BYTES = 8 * 2**30  # raw-pixel or token-grid features of both betons held in memory at most (float32)
 
 
 def encoder_spec(cfg):
@@ -80,7 +83,7 @@ def features_for(cfg, beton_path, manifest, encoder, *, encoder_key, cache_dir, 
                                num_workers=cfg["eval.num_workers"], image_size=image_size,
                                in_memory=cfg["data.in_memory"]) as loader:
             return probe.extract_features(encoder, loader, device=device, dtype=dtype,
-                                          last_k_blocks=cfg["eval.last_k_blocks"],
+                                          last_k_blocks=cfg["eval.last_k_blocks"], tokens=cfg["eval.tokens"],
                                           progress=cfg["logging.progress"])
 
     start = time.perf_counter()
@@ -115,11 +118,17 @@ def main(argv=None):
     if train_manifest["dataset"] != val_manifest["dataset"]:
         raise UserError(f"train beton is {train_manifest['dataset']} but val beton is {val_manifest['dataset']}: "
                         "a probe's classes only mean something within one dataset")
-    if cfg["eval.pixels"]:
-        feature_bytes = 4 * 3 * image_size ** 2 * (train_manifest["num_samples"] + val_manifest["num_samples"])
-        if feature_bytes > PIXEL_FEATURE_BYTES:
-            raise UserError(f"eval.pixels at {image_size} px would hold {feature_bytes / 2**30:.0f} GiB of features "
-                            f"(at most {PIXEL_FEATURE_BYTES // 2**30}): give a smaller --eval.image_size")
+    grid = cfg["eval.tokens"] == "grid"
+    if grid and cfg["eval.last_k_blocks"] > 1:
+        raise UserError("eval.tokens=grid reads the last block's tokens: eval.last_k_blocks must be 1")
+    if cfg["eval.pixels"] or grid:
+        per_image = (3 * image_size ** 2 if cfg["eval.pixels"]
+                     else (image_size // model_config["patch_size"]) ** 2 * encoder.embed_dim)
+        feature_bytes = 4 * per_image * (train_manifest["num_samples"] + val_manifest["num_samples"])
+        if feature_bytes > FEATURE_BYTES:
+            what = "eval.pixels" if cfg["eval.pixels"] else "eval.tokens=grid"
+            raise UserError(f"{what} at {image_size} px would hold {feature_bytes / 2**30:.0f} GiB of features "
+                            f"(at most {FEATURE_BYTES // 2**30}): give a smaller --eval.image_size")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder.to(device)
@@ -129,7 +138,8 @@ def main(argv=None):
     # so a copied or re-saved checkpoint with the same weights reuses its features.
     encoder_key = {"version": CACHE_VERSION, "encoder": encoder_name, "arch": model_config["arch"],
                    "patch_size": model_config["patch_size"], "image_size": image_size,
-                   "last_k_blocks": cfg["eval.last_k_blocks"], "random_init": cfg["eval.random_init"],
+                   "last_k_blocks": cfg["eval.last_k_blocks"], "tokens": cfg["eval.tokens"],
+                   "random_init": cfg["eval.random_init"],
                    "seed": cfg["eval.seed"] if cfg["eval.random_init"] else None, "dtype": str(dtype),
                    "weights": probe.state_dict_digest(encoder.state_dict())}
     cache_dir = cfg["eval.cache_dir"] or default_path(cfg, "features")
@@ -164,7 +174,8 @@ def main(argv=None):
         "feature_dim": train_feats.shape[1], "checkpoint": cfg["eval.checkpoint"] or None,
         "checkpoint_epoch": ckpt.get("epoch") if ckpt else None, "checkpoint_step": ckpt.get("step") if ckpt else None,
         "arch": model_config["arch"], "patch_size": model_config["patch_size"], "image_size": image_size,
-        "last_k_blocks": cfg["eval.last_k_blocks"], "train_dataset": cfg["eval.train_dataset"],
+        "last_k_blocks": cfg["eval.last_k_blocks"], "tokens": cfg["eval.tokens"],
+        "train_dataset": cfg["eval.train_dataset"],
         "val_dataset": cfg["eval.val_dataset"], "min_steps": cfg["eval.min_steps"], "lr": cfg["eval.lr"],
         "weight_decay": cfg["eval.weight_decay"], "batch_size": cfg["eval.batch_size"], "seed": cfg["eval.seed"],
         "knn_k": cfg["eval.knn_k"], "knn_temperature": cfg["eval.knn_temperature"], "device": str(device),
@@ -174,7 +185,8 @@ def main(argv=None):
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": config_as_dict(cfg, READS),
     }
-    out = cfg["eval.out"] or default_path(cfg, f"probe_{result['dataset']}_{encoder_name}.json")
+    suffix = "_grid" if grid else ""
+    out = cfg["eval.out"] or default_path(cfg, f"probe_{result['dataset']}_{encoder_name}{suffix}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -130,6 +130,8 @@ def _declare_sections(cfg):
         val_dataset=_p(Text(), "beton the probe is evaluated on", default=""),
         encoder=_p(Choice("target", "context"), "which encoder of the checkpoint", default="target"),
         last_k_blocks=_p(Integer(1), "concatenate pooled outputs of the last k blocks", default=1),
+        tokens=_p(Choice("mean", "grid"), "probe features: the mean token (I-JEPA's probe) or the whole token "
+                                          "grid, flattened (to see what pooling discards)", default="mean"),
         random_init=_p(Boolean(), "probe an untrained encoder of the same architecture", default=False),
         pixels=_p(Boolean(), "probe the eval images' normalised pixels, flattened: the baseline features should beat",
                   default=False),

@@ -21,7 +21,7 @@ UNLABELED = -1  # label of samples without a class (STL-10 unlabeled split); nev
 
 
 @torch.inference_mode()
-def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progress=True):
+def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, tokens="mean", progress=True):
     """Average-pooled tokens of a frozen encoder for every image of `loader`, in loader order.
 
     `dtype` is the compute dtype: torch.bfloat16 runs under autocast (CUDA), torch.float32 or None
@@ -32,9 +32,15 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
     `encoder.norm` is applied to each of the last k block outputs before pooling (DINO's
     `get_intermediate_layers` convention), so every block's slice is on the same scale; the slices
     are concatenated from the earliest of the k blocks to the last.
+    tokens="grid" keeps every token instead of their mean: the (T, D) output of `forward_features`
+    flattened to T * D features (row-major over the patch grid), with last_k_blocks 1.
 
-    Returns (features float32 (N, D * k) on the CPU, labels int64 (N,)).
+    Returns (features float32 (N, D * k) or (N, T * D) on the CPU, labels int64 (N,)).
     """
+    if tokens not in ("mean", "grid"):
+        raise ValueError(f"tokens must be 'mean' or 'grid', got {tokens!r}")
+    if tokens == "grid" and last_k_blocks != 1:
+        raise ValueError("tokens='grid' reads the last block only (last_k_blocks=1)")
     # Imported here, not at the top: hjepa.loaders imports ffcv, which JIT-compiles for seconds at import,
     # and the probe and k-NN functions below need none of it.
     from hjepa.loaders import normalize_images
@@ -49,7 +55,9 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, progres
         for images, labels, _dataset_idx in loader:
             x = normalize_images(images, device, torch.float32)  # (B, 3, H, W)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
-                if last_k_blocks == 1:
+                if tokens == "grid":
+                    pooled = encoder.forward_features(x).flatten(1)  # (B, N, D) -> (B, N * D)
+                elif last_k_blocks == 1:
                     pooled = encoder.forward_features(x).mean(dim=1)  # (B, N, D) -> (B, D)
                 else:
                     block_outputs = encoder.forward_blocks(x)[-last_k_blocks:]  # k x (B, N, D)

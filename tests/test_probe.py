@@ -132,6 +132,33 @@ def test_extract_features_concatenates_the_last_k_blocks_ending_with_the_final_l
     torch.testing.assert_close(last3[:, -encoder.embed_dim:], last)
 
 
+def test_grid_features_are_every_token_flattened_and_their_mean_is_the_pooled_feature():
+    torch.manual_seed(0)
+    encoder = build_encoder(TINY["arch"], patch_size=TINY["patch_size"], image_size=TINY["image_size"])
+    batches = uint8_batches(2, 3, TINY["image_size"])
+    pooled, _ = probe.extract_features(encoder, batches, device="cpu", dtype=torch.float32, progress=False)
+    grid, labels = probe.extract_features(encoder, batches, device="cpu", dtype=torch.float32, tokens="grid",
+                                          progress=False)
+    tokens = (TINY["image_size"] // TINY["patch_size"]) ** 2
+    assert grid.shape == (6, tokens * encoder.embed_dim) and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    torch.testing.assert_close(grid.view(6, tokens, encoder.embed_dim).mean(dim=1), pooled)
+    with pytest.raises(ValueError, match="last_k_blocks=1"):
+        probe.extract_features(encoder, batches, device="cpu", dtype=torch.float32, tokens="grid", last_k_blocks=2)
+
+
+def test_cli_grid_probe_writes_its_own_json_beside_the_pooled_one(betons, checkpoint, tmp_path):
+    proc = run_probe(*probe_args(checkpoint, betons, "--eval.tokens=grid", f"--eval.cache_dir={tmp_path}"))
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(os.path.dirname(checkpoint), "probe_tinytwo_target_grid.json")) as f:
+        result = json.load(f)
+    assert (result["tokens"], result["feature_dim"]) == ("grid", 16 * 192)  # vit_tiny, 16 tokens of 192
+
+
+def test_cli_grid_of_several_blocks_fails_with_one_line(betons, checkpoint):
+    proc = run_probe(*probe_args(checkpoint, betons, "--eval.tokens=grid", "--eval.last_k_blocks=2"))
+    assert_one_line_error(proc, "eval.tokens=grid", "eval.last_k_blocks must be 1")
+
+
 def test_pixel_features_are_the_normalised_images_flattened():
     from hjepa.loaders import normalize_images
 
