@@ -43,6 +43,9 @@ def encoder_spec(cfg):
                             "eval.random_init")
         if cfg["eval.last_k_blocks"] != 1:
             raise UserError("eval.pixels has no blocks: eval.last_k_blocks must be 1")
+        if cfg["eval.tokens"] == "grid":
+            raise UserError("eval.pixels has no tokens to keep apart: eval.tokens must be mean (the pixels are "
+                            "already flattened)")
         return None, {"arch": "pixels", "patch_size": None, "image_size": cfg["data.image_size"]}
     if cfg["eval.checkpoint"]:
         return load_training_checkpoint(cfg["eval.checkpoint"])
@@ -138,10 +141,10 @@ def main(argv=None):
     # so a copied or re-saved checkpoint with the same weights reuses its features.
     encoder_key = {"version": CACHE_VERSION, "encoder": encoder_name, "arch": model_config["arch"],
                    "patch_size": model_config["patch_size"], "image_size": image_size,
-                   "last_k_blocks": cfg["eval.last_k_blocks"], "tokens": cfg["eval.tokens"],
-                   "random_init": cfg["eval.random_init"],
+                   "last_k_blocks": cfg["eval.last_k_blocks"], "random_init": cfg["eval.random_init"],
                    "seed": cfg["eval.seed"] if cfg["eval.random_init"] else None, "dtype": str(dtype),
-                   "weights": probe.state_dict_digest(encoder.state_dict())}
+                   "weights": probe.state_dict_digest(encoder.state_dict()),
+                   **({"tokens": "grid"} if grid else {})}  # absent for the mean: earlier caches stay valid
     cache_dir = cfg["eval.cache_dir"] or default_path(cfg, "features")
     common = dict(encoder_key=encoder_key, cache_dir=cache_dir, image_size=image_size, device=device, dtype=dtype)
     train_feats, train_labels, train_hit, train_s = features_for(

@@ -157,8 +157,8 @@ def _declare_sections(cfg):
         num_workers=_p(Integer(0), "worker processes/threads for every pipeline; 0 = all cores", default=0),
         batch_size=_p(Integer(1), "batch size for every pipeline", default=64),
         epochs=_p(Integer(1), "timed epochs (after one warm-up epoch)", default=2),
-        repeats=_p(Integer(1), "timed windows of the measured pipeline, each paired with its reference; "
-                               "medians reported", default=3),
+        repeats=_p(Integer(1), "loader_throughput: timed windows of our loader, each paired with a ceiling "
+                               "measurement; medians reported", default=3),
         steps=_p(Integer(1), "timed training steps", default=20),
         warmup_steps=_p(Integer(0), "untimed steps first (compilation, autotuning)", default=5),
         out=_p(Text(), "JSON results file", default=""),

@@ -22,7 +22,8 @@ UNLABELED = -1  # label of samples without a class (STL-10 unlabeled split); nev
 
 @torch.inference_mode()
 def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, tokens="mean", progress=True):
-    """Average-pooled tokens of a frozen encoder for every image of `loader`, in loader order.
+    """Features of a frozen encoder for every image of `loader`, in loader order: its tokens averaged
+    (the default), or every token (tokens="grid").
 
     `dtype` is the compute dtype: torch.bfloat16 runs under autocast (CUDA), torch.float32 or None
     runs plain fp32 (CPU). With last_k_blocks=1 the feature is the mean over tokens of
@@ -56,13 +57,13 @@ def extract_features(encoder, loader, *, device, dtype, last_k_blocks=1, tokens=
             x = normalize_images(images, device, torch.float32)  # (B, 3, H, W)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32)):
                 if tokens == "grid":
-                    pooled = encoder.forward_features(x).flatten(1)  # (B, N, D) -> (B, N * D)
+                    features = encoder.forward_features(x).flatten(1)  # (B, N, D) -> (B, N * D)
                 elif last_k_blocks == 1:
-                    pooled = encoder.forward_features(x).mean(dim=1)  # (B, N, D) -> (B, D)
+                    features = encoder.forward_features(x).mean(dim=1)  # (B, N, D) -> (B, D)
                 else:
                     block_outputs = encoder.forward_blocks(x)[-last_k_blocks:]  # k x (B, N, D)
-                    pooled = torch.cat([encoder.norm(out).mean(dim=1) for out in block_outputs], dim=1)  # (B, k*D)
-            feature_chunks.append(pooled.float().cpu())
+                    features = torch.cat([encoder.norm(out).mean(dim=1) for out in block_outputs], dim=1)  # (B, k*D)
+            feature_chunks.append(features.float().cpu())
             # A copy: FFCV reuses its output buffers, so a kept batch tensor is overwritten by later ones.
             label_chunks.append(labels.to(torch.int64, copy=True).cpu())
             bar.update(len(labels))

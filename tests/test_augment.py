@@ -130,8 +130,24 @@ def test_float32_loader_output_is_the_uint8_output_normalised(small_image_beton)
     assert float((as_float - expected).abs().max()) <= HALF_GREY_LEVEL
 
 
-def test_an_output_taller_than_a_strip_and_not_a_whole_number_of_tiles_matches_torchvision():
-    image = photo(320, 420)  # 150 px: two strips of rows, and rows and columns past the last 8x8 tile
-    resized = ours(image, 7, 12, 300, 400, 150)
-    assert mean_abs_difference(resized, torchvision_resized_crop(image, 7, 12, 300, 400, 150)) <= MAX_MEAN_GREY_LEVELS
-    assert np.array_equal(ours(image, 7, 12, 300, 400, 150, flip=True), resized[:, ::-1])
+def worst_row_difference(a, b):
+    """The largest mean absolute difference of any one output row: a wrong strip cannot hide in the mean."""
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean(axis=(1, 2)).max())
+
+
+@pytest.mark.parametrize("size", [1, 7, 9, 65, 150])  # under a tile, past a tile, a 1-row last strip, 3 strips
+def test_every_row_matches_torchvision_at_sizes_that_split_into_strips_and_tiles_unevenly(size):
+    image = photo(320, 420)
+    resized = ours(image, 7, 12, 300, 400, size)
+    reference = torchvision_resized_crop(image, 7, 12, 300, 400, size)
+    assert worst_row_difference(resized, reference) <= 2 * MAX_MEAN_GREY_LEVELS
+    assert np.array_equal(ours(image, 7, 12, 300, 400, size, flip=True), resized[:, ::-1])
+
+
+def test_contrast_blends_towards_the_whole_image_grey_across_strips():
+    image = photo(320, 420)  # 150 px: the strips must share one mean grey
+    contrast = 0.5
+    jittered = ours(image, 7, 12, 300, 400, 150, jitter=(1.0, contrast, 1.0))
+    resized = torch.from_numpy(ours(image, 7, 12, 300, 400, 150)).permute(2, 0, 1)
+    expected = TF.adjust_contrast(resized, contrast).permute(1, 2, 0).numpy()
+    assert worst_row_difference(jittered, expected) <= 1.0

@@ -30,7 +30,8 @@ def prefetch_every_line(a):
         prefetch_for_write(a, i)
 
 
-def test_prefetching_for_write_leaves_the_memory_as_it_was():
+def test_prefetching_for_write_emits_a_prefetch_and_leaves_the_memory_as_it_was():
     a = np.arange(1000, dtype=np.float32)
     prefetch_every_line(a)
     assert np.array_equal(a, np.arange(1000, dtype=np.float32))
+    assert "@llvm.prefetch" in next(iter(prefetch_every_line.inspect_llvm().values()))

@@ -146,12 +146,21 @@ def test_grid_features_are_every_token_flattened_and_their_mean_is_the_pooled_fe
         probe.extract_features(encoder, batches, device="cpu", dtype=torch.float32, tokens="grid", last_k_blocks=2)
 
 
-def test_cli_grid_probe_writes_its_own_json_beside_the_pooled_one(betons, checkpoint, tmp_path):
-    proc = run_probe(*probe_args(checkpoint, betons, "--eval.tokens=grid", f"--eval.cache_dir={tmp_path}"))
-    assert proc.returncode == 0, proc.stderr
+def test_cli_grid_probe_has_its_own_cached_features_and_json_beside_the_mean_probe(betons, checkpoint, tmp_path):
+    mean = run_probe(*probe_args(checkpoint, betons, f"--eval.cache_dir={tmp_path}", f"--eval.out={tmp_path}/m.json"))
+    assert mean.returncode == 0, mean.stderr
+    grid = run_probe(*probe_args(checkpoint, betons, "--eval.tokens=grid", f"--eval.cache_dir={tmp_path}"))
+    assert grid.returncode == 0, grid.stderr
     with open(os.path.join(os.path.dirname(checkpoint), "probe_tinytwo_target_grid.json")) as f:
-        result = json.load(f)
-    assert (result["tokens"], result["feature_dim"]) == ("grid", 16 * 192)  # vit_tiny, 16 tokens of 192
+        result = json.load(f)  # not the mean probe's cache, though both share the folder
+    assert (result["tokens"], result["feature_dim"], result["cache_hits"]) == ("grid", 16 * 192, {"train": False,
+                                                                                                 "val": False})
+
+
+def test_cli_grid_of_pixels_fails_with_one_line(betons):
+    proc = run_probe("--eval.pixels=1", "--eval.tokens=grid", "--data.image_size=16",
+                     f"--eval.train_dataset={betons[0]}", f"--eval.val_dataset={betons[1]}")
+    assert_one_line_error(proc, "eval.pixels", "eval.tokens must be mean")
 
 
 def test_cli_grid_of_several_blocks_fails_with_one_line(betons, checkpoint):
