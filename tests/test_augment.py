@@ -151,3 +151,17 @@ def test_contrast_blends_towards_the_whole_image_grey_across_strips():
     resized = torch.from_numpy(ours(image, 7, 12, 300, 400, 150)).permute(2, 0, 1)
     expected = TF.adjust_contrast(resized, contrast).permute(1, 2, 0).numpy()
     assert worst_row_difference(jittered, expected) <= 1.0
+
+
+def test_thread_scratch_rows_start_at_the_asked_offset_past_a_cache_line_and_hold_their_size():
+    from hjepa.augment import ThreadScratch
+
+    for size, dtype, offset in ((1001, np.uint8, 16), (77, np.float32, 0), (64, np.float32, 8)):
+        scratch = ThreadScratch(size, dtype, offset=offset)
+        starts = [row.ctypes.data for row in scratch.values]
+        assert all(start % 64 == offset for start in starts)
+        assert scratch.address == starts[0] and scratch.stride >= size
+        row_bytes = scratch.stride * np.dtype(dtype).itemsize
+        assert [b - a for a, b in zip(starts, starts[1:])] == [row_bytes] * (len(starts) - 1)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ThreadScratch(10, np.float32, offset=2)
