@@ -19,8 +19,8 @@ drawn into bench.work_dir (hjepa.synthetic.write_photo_like_folder) and reused b
   (d) where one loader thread's time goes: ms per image for FFCV's decode alone and for decode + our
       resize op into uint8 and into normalised float32 (`one_thread_ms`).
 All use bench.num_workers workers and bench.batch_size; (a) and (b) are timed over bench.epochs
-epochs after one untimed warm-up epoch. The machine's speed drifts (a shared VM: +-10% from one process
-to the next), so (b) runs bench.repeats such windows, each right after a measurement of (c), and the
+epochs after one untimed warm-up epoch. The machine's speed drifts (a shared VM: a few per cent from one
+minute to the next), so (b) runs bench.repeats such windows, each right after a measurement of (c), and the
 fraction of the ceiling is the median of the paired ratios (uint8 batches alike); every window's figures
 go into the JSON.
 """
