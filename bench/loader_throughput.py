@@ -38,7 +38,8 @@ from torchvision import transforms
 
 from hjepa.beton import read_manifest, write_beton
 from hjepa.config import config_from_cli, format_config, save_config
-from hjepa.loaders import IMAGENET_MEAN, IMAGENET_STD, DataConfig, build_train_loader, normalize_images
+from hjepa.loaders import (IMAGENET_MEAN, IMAGENET_STD, TRAIN_CROP_ASPECT, DataConfig, build_train_loader,
+                           normalize_images)
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.runlog import cpu_model
 from hjepa.sources import image_folder_samples
@@ -194,21 +195,13 @@ def one_thread_ms(jpegs, sizes, *, image_size, crop_scale, ring, seed=0):
     written round a ring of `ring` images as the loader's output slots are. Full-scale decodes only
     (the loader decodes at 1/2 or less when a crop is at least twice the output)."""
     from ffcv.libffcv import imdecode
-    from hjepa.augment import output_conversion, resize_crop, scratch_floats
+    from hjepa.augment import CROP_STREAM, output_conversion, random_crop, resize_crop, sample_key, scratch_floats
 
-    rng = np.random.default_rng(seed)
     sizes = np.asarray(sizes, np.int64)  # the beton stores them as uint16: width * height would overflow
-    crops = []
-    for width, height in sizes:
-        crop = (0, 0, int(height), int(width))
-        for _ in range(10):  # torchvision's RandomResizedCrop.get_params
-            area = width * height * rng.uniform(*crop_scale)
-            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-            w, h = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                crop = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
-                break
-        crops.append(tuple(float(v) for v in crop))
+    log_ratio = np.log(TRAIN_CROP_ASPECT[0]), np.log(TRAIN_CROP_ASPECT[1])
+    crops = [tuple(float(v) for v in random_crop(height, width, *crop_scale, *log_ratio,
+                                                 np.uint64(sample_key(np.uint64(seed), CROP_STREAM, 0, 0, i))))
+             for i, (width, height) in enumerate(sizes)]  # the loader's own seeded crop draw
     buffer = np.empty(int(np.max(sizes[:, 0] * sizes[:, 1])) * 3, np.uint8)
     scratch = np.empty(scratch_floats(int(sizes[:, 0].max()), image_size, image_size), np.float32)
 
@@ -229,9 +222,8 @@ def one_thread_ms(jpegs, sizes, *, image_size, crop_scale, ring, seed=0):
 
     result = {"decode_ms": best_ms(decode)}
     for name, normalize in (("uint8", None), ("float32", (IMAGENET_MEAN, IMAGENET_STD))):
-        _, scale, shift = output_conversion(normalize)
-        out = np.zeros((ring, image_size, image_size, 3), output_conversion(normalize)[0])
-        out.fill(1)  # its pages are in memory, as the loader's slots are after the first epoch
+        dtype, scale, shift = output_conversion(normalize)
+        out = np.ones((ring, image_size, image_size, 3), dtype)  # written: in memory, as the loader's slots are
 
         def decode_and_resize(i):
             resize_crop(decode(i), *crops[i], out[i % ring], i % 2 == 1, scratch, scale, shift, 1.02, 0.98, 1.01)
@@ -281,18 +273,19 @@ def main(argv=None):
     # consumer, by the device itself on a GPU.
     on_gpu = device.type == "cuda"
     # ... each timed window right after a measurement of (c), so that both see the machine as it is then
-    ceilings, uint8_ceilings = [], []
-    windows = ffcv_img_s(beton, output="uint8" if on_gpu else "float32", normalize_on_consumer=on_gpu,
-                         repeats=cfg["bench.repeats"],
-                         before_each=lambda: ceilings.append(decode_ceiling_img_s(jpegs, num_workers=num_workers)),
-                         **common)
+    def paired_windows(output, normalize_on_consumer):
+        """(our images/s, the ceiling's, their ratio) of each timed window."""
+        ceilings = []
+        windows = ffcv_img_s(beton, output=output, normalize_on_consumer=normalize_on_consumer,
+                             repeats=cfg["bench.repeats"],
+                             before_each=lambda: ceilings.append(decode_ceiling_img_s(jpegs, num_workers=num_workers)),
+                             **common)
+        return windows, ceilings, [w / c for w, c in zip(windows, ceilings)]
+
+    windows, ceilings, fractions = paired_windows("uint8" if on_gpu else "float32", on_gpu)
     ours, ceiling = float(np.median(windows)), float(np.median(ceilings))
-    fractions = [w / c for w, c in zip(windows, ceilings)]
-    uint8_windows = ffcv_img_s(
-        beton, output="uint8", normalize_on_consumer=False, repeats=cfg["bench.repeats"],
-        before_each=lambda: uint8_ceilings.append(decode_ceiling_img_s(jpegs, num_workers=num_workers)), **common)
+    uint8_windows, uint8_ceilings, uint8_fractions = paired_windows("uint8", False)
     ours_uint8 = float(np.median(uint8_windows))
-    uint8_fractions = [w / c for w, c in zip(uint8_windows, uint8_ceilings)]
     consumer_normalised = (None if on_gpu else
                            ffcv_img_s(beton, output="uint8", normalize_on_consumer=True, **common)[0])
 

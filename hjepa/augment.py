@@ -47,18 +47,18 @@ class EpochCell:
 class ThreadScratch:
     """Scratch memory for each of numba's threads (`numba.get_thread_id()`), which compiled code
     reads through its address (as `EpochCell`): size items of dtype per thread, thread t's at
-    address + t * stride items, each starting `offset` bytes past a 64-byte cache-line boundary."""
+    address + t * row_bytes, each starting `offset` bytes past a 64-byte cache-line boundary."""
 
     def __init__(self, size, dtype, offset=0):
         itemsize = np.dtype(dtype).itemsize
         if offset % itemsize or not 0 <= offset < _LINE_BYTES:
             raise ValueError(f"offset {offset} must be a multiple of {itemsize} in [0, {_LINE_BYTES})")
         self.size = int(size)
-        self.stride = -(-self.size * itemsize // _LINE_BYTES) * _LINE_BYTES // itemsize  # whole lines
-        threads = numba.config.NUMBA_NUM_THREADS
-        raw = np.zeros(threads * self.stride + 2 * _LINE_BYTES // itemsize, dtype)
+        self.row_bytes = -(-self.size * itemsize // _LINE_BYTES) * _LINE_BYTES  # whole cache lines
+        threads, stride = numba.config.NUMBA_NUM_THREADS, self.row_bytes // itemsize
+        raw = np.zeros(threads * stride + 2 * _LINE_BYTES // itemsize, dtype)
         start = ((-raw.ctypes.data) % _LINE_BYTES + offset) // itemsize
-        self.values = raw[start:start + threads * self.stride].reshape(threads, self.stride)
+        self.values = raw[start:start + threads * stride].reshape(threads, stride)
         self.address = _U64(self.values.ctypes.data)
 
 
@@ -96,7 +96,7 @@ def uniform(key, draw):
 
 
 @njit(inline="always")
-def _random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, key):
+def random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, key):
     """torchvision's RandomResizedCrop.get_params with seeded draws: (top, left, h, w)."""
     area = height * width
     for attempt in range(10):
@@ -404,17 +404,16 @@ class CropResizeDecoder(RandomResizedCropRGBImageDecoder):
         dct_scaling = self.dct_scaling
         address = self.cell.address
         decoded_address, decoded_size = self.decoded.address, _U64(self.decoded.size)
-        decoded_stride = _U64(self.decoded.stride)  # bytes
         scratch_address, scratch_size = self.scratch.address, _U64(self.scratch.size)  # float32 items
-        scratch_stride = _U64(self.scratch.stride * 4)  # bytes
+        decoded_row_bytes, scratch_row_bytes = _U64(self.decoded.row_bytes), _U64(self.scratch.row_bytes)
 
         def decode(batch_indices, destination, metadata, storage_state):
             epoch, batch = _read_cell_and_advance(address)
             for dst_ix in my_range(len(batch_indices)):
                 thread = _U64(numba.get_thread_id())  # this thread's row of each ThreadScratch
-                buffer = numba.carray(void_pointer(decoded_address + thread * decoded_stride), (decoded_size,),
+                buffer = numba.carray(void_pointer(decoded_address + thread * decoded_row_bytes), (decoded_size,),
                                       np.uint8)
-                scratch = numba.carray(void_pointer(scratch_address + thread * scratch_stride), (scratch_size,),
+                scratch = numba.carray(void_pointer(scratch_address + thread * scratch_row_bytes), (scratch_size,),
                                        np.float32)
                 field = metadata[batch_indices[dst_ix]]
                 image_data = mem_read(field["data_ptr"], storage_state)
@@ -463,7 +462,7 @@ class SeededRandomResizedCrop(CropResizeDecoder):
         @njit(inline="always")
         def crop(height, width, epoch, batch, position):
             key = sample_key(seed, CROP_STREAM, epoch, batch, position)
-            top, left, h, w = _random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, key)
+            top, left, h, w = random_crop(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, key)
             flip = uniform(sample_key(seed, FLIP_STREAM, epoch, batch, position), 0) < flip_prob
             jitter_key = sample_key(seed, JITTER_STREAM, epoch, batch, position)
             return (top, left, h, w, flip, _jitter_factor(jitter_key, 0, strength),

@@ -37,6 +37,7 @@ from hjepa.augment import CenterCropResize, SeededRandomResizedCrop
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 224 / 256  # centre crop of the seed's eval transform (Resize 256, CenterCrop 224)
+TRAIN_CROP_ASPECT = (3 / 4, 4 / 3)  # aspect-ratio range of the random-resized crop, as torchvision's
 TRAIN_ORDERS = ("random", "quasi_random", "weighted", "balanced")
 OUTPUTS = ("uint8", "float32")
 
@@ -325,7 +326,7 @@ def build_train_loader(config, *, distributed=False, drop_last=True, output="uin
     op_seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
     # One op decodes, crops, resizes, flips, jitters and writes the output dtype (hjepa.augment).
     size = (config.image_size, config.image_size)
-    image_ops = [SeededRandomResizedCrop(size, scale=config.crop_scale, ratio=(3 / 4, 4 / 3), seed=op_seed,
+    image_ops = [SeededRandomResizedCrop(size, scale=config.crop_scale, ratio=TRAIN_CROP_ASPECT, seed=op_seed,
                                          flip_prob=0.5 if config.flip else 0.0, color_jitter=config.color_jitter,
                                          normalize=_image_output(output))]
     seeded_ops = list(image_ops)

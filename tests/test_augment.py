@@ -160,8 +160,7 @@ def test_thread_scratch_rows_start_at_the_asked_offset_past_a_cache_line_and_hol
         scratch = ThreadScratch(size, dtype, offset=offset)
         starts = [row.ctypes.data for row in scratch.values]
         assert all(start % 64 == offset for start in starts)
-        assert scratch.address == starts[0] and scratch.stride >= size
-        row_bytes = scratch.stride * np.dtype(dtype).itemsize
-        assert [b - a for a, b in zip(starts, starts[1:])] == [row_bytes] * (len(starts) - 1)
+        assert scratch.address == starts[0] and scratch.row_bytes >= size * np.dtype(dtype).itemsize
+        assert [b - a for a, b in zip(starts, starts[1:])] == [scratch.row_bytes] * (len(starts) - 1)
     with pytest.raises(ValueError, match="multiple of 4"):
         ThreadScratch(10, np.float32, offset=2)
