@@ -28,7 +28,9 @@ from hjepa.config import config_as_dict, config_from_cli, format_config
 from hjepa.errors import UserError, exit_on_user_error
 from hjepa.vit import build_encoder
 
-CACHE_VERSION = 2  # 2: labels copied out of FFCV's reused buffers (v1 caches hold wrong labels); bump when extraction changes what a cached feature means
+# Bump when extraction changes what a cached feature means. 2: labels copied out of FFCV's reused
+# buffers (version-1 caches hold wrong labels).
+CACHE_VERSION = 2
 READS = ("eval", "model.arch", "model.patch_size", "data.image_size", "data.in_memory", "logging.progress")
 
 
