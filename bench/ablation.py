@@ -18,8 +18,14 @@ last checkpoint (training.resume=auto); a rerun whose config resolves to other v
 --config file, another --set) or whose variant has other overrides is refused. Child output goes to
 train.log / probe.log in the run folder.
 Prints mean ± std (sample std over seeds) of linear and k-NN top-1, and each variant minus the first one
-paired by seed (the spread that says whether one beats the other), writes <out>/results.json and
-<out>/ablation.png (bars with std error bars). Runs on whatever device train.py picks (CPU here).
+paired by seed (the spread that says whether one beats the other) with the sign-flip test's p-value
+(sign_flip_p: five seeds can give no p below 0.0625), writes <out>/results.json and <out>/ablation.png
+(bars with std error bars). Runs on whatever device train.py picks (CPU here).
+
+    python bench/ablation.py --report ablation_fmnist ablation_fmnist_seeds_5_9
+
+trains nothing: it prints the same tables for the runs recorded in several folders together (more
+seeds run later into fresh folders, on the same betons).
 """
 import argparse
 import hashlib
@@ -52,10 +58,13 @@ DEFAULT_VARIANTS = {
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python bench/ablation.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="base training config (YAML)")
-    parser.add_argument("--train", required=True, help="training beton (pretraining and probe)")
-    parser.add_argument("--val", required=True, help="validation beton (probe)")
-    parser.add_argument("--out", required=True, help="ablation folder: runs, results.json, ablation.png")
+    parser.add_argument("--config", help="base training config (YAML)")
+    parser.add_argument("--train", help="training beton (pretraining and probe)")
+    parser.add_argument("--val", help="validation beton (probe)")
+    parser.add_argument("--out", help="ablation folder: runs, results.json, ablation.png")
+    parser.add_argument("--report", nargs="+", metavar="DIR",
+                        help="train nothing: print the tables of the runs recorded in these ablation folders "
+                             "together (the same betons; e.g. more seeds run later into fresh folders)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="a variant: name=--section.param=value ... (repeatable)")
@@ -67,7 +76,13 @@ def parse_args(argv):
                              "'--hardware.num_threads=1 --data.num_workers=1'); not part of the recorded settings")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each a separate process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = [f"--{name}" for name in ("config", "train", "val", "out") if getattr(args, name)]
+    if args.report and given:
+        raise UserError(f"--report trains nothing and reads recorded folders: give it without {' '.join(given)}")
+    if not args.report and len(given) < 4:
+        raise UserError("--config, --train, --val and --out are required (or --report DIR ... alone)")
+    return args
 
 
 def parse_variants(specs, path):
@@ -148,10 +163,32 @@ def summarize(runs, names):
     return table
 
 
+def sign_flip_p(differences):
+    """Two-sided p-value of the paired sign-flip test of "no difference": the share of the 2^n ways of
+    flipping the signs of the n per-seed differences whose mean lies at least as far from 0 as the
+    observed mean (observed assignment included). It assumes only that, with no true difference, each
+    seed's difference is as likely negative as positive. Exact for n <= 16; above, 2^16 random sign
+    draws (fixed generator) plus the observed one. The smallest p that n seeds can give is 2 / 2^n:
+    0.25 for 3 seeds, 0.0625 for 5."""
+    differences = np.asarray(differences, dtype=float)
+    n = len(differences)
+    if n == 0:
+        raise ValueError("no differences to test")
+    if n <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)  # (2^n, n): every assignment
+    else:
+        draws = np.random.default_rng(0).integers(0, 2, size=(2 ** 16, n))
+        signs = np.concatenate([np.ones((1, n), dtype=int), 1 - 2 * draws])
+    observed = abs(differences.sum())
+    flipped = np.abs(signs @ differences)
+    return float(np.mean(flipped >= observed - 1e-9 * (1.0 + np.abs(differences).sum())))
+
+
 def paired_differences(runs, names, reference):
-    """{name: {metric: (mean, std, n, {seed: difference})}}: each variant minus `reference` at the seeds
-    both have recorded. Seeds are shared (same init, data order and masks), so the per-seed difference
-    removes what the seeds have in common and its spread is the honest one for "is B better than A"."""
+    """{name: {metric: (mean, std, n, {seed: difference}, p)}}: each variant minus `reference` at the
+    seeds both have recorded, and the sign-flip p-value of their mean (sign_flip_p). Seeds are shared
+    (same init, data order and masks), so the per-seed difference removes what the seeds have in common
+    and its spread is the honest one for "is B better than A"."""
     by_seed = {}
     for key, record in runs.items():
         name, seed = key.rsplit("|", 1)
@@ -164,15 +201,18 @@ def paired_differences(runs, names, reference):
         table[name] = {}
         for metric in ("top1", "knn_top1"):
             per_seed = {s: by_seed[name][s][metric] - by_seed[reference][s][metric] for s in seeds}
-            table[name][metric] = (*mean_std_n(list(per_seed.values())), per_seed)
+            table[name][metric] = (*mean_std_n(list(per_seed.values())), per_seed,
+                                   sign_flip_p(list(per_seed.values())))
     return table
 
 
 def format_table(table, signed=False):
-    lines = [f"{'variant':<24}{'seeds':>6}{'linear top-1':>18}{'k-NN top-1':>18}"]
+    """Mean ± std per variant; signed (a paired table): with each difference's sign-flip p-value."""
+    p_head = f"{'p':>7}" if signed else ""
+    lines = [f"{'variant':<24}{'seeds':>6}{'linear top-1':>18}{p_head}{'k-NN top-1':>18}{p_head}"]
     for name, row in table.items():
-        cells = "".join(f"{m:>+11.1f} ± {s:<4.1f}" if signed else f"{m:>11.1f} ± {s:<4.1f}"
-                        for m, s, *_ in (row["top1"], row["knn_top1"]))
+        cells = "".join(f"{m:>+11.1f} ± {s:<4.1f}{rest[1]:>7.2f}" if signed else f"{m:>11.1f} ± {s:<4.1f}"
+                        for m, s, _, *rest in (row["top1"], row["knn_top1"]))
         lines.append(f"{name:<24}{row['top1'][2]:>6}{cells}")
     return "\n".join(lines)
 
@@ -267,9 +307,52 @@ def run_step(name, seed, *, args, variants, base_model, runs_dir):
     return record
 
 
+def print_tables(runs, variants):
+    """Print and return (summary table, reference variant, paired table) of recorded runs: the baselines
+    and `variants` (in that order), then each variant minus the first one, paired by seed."""
+    table = summarize(runs, [*BASELINES, *variants])
+    reference = variants[0]
+    paired = paired_differences(runs, variants, reference)
+    print("\n" + format_table(table))
+    if paired:
+        print(f"\nminus '{reference}', paired by seed (p: sign-flip test)\n" + format_table(paired, signed=True))
+    return table, reference, paired
+
+
+def merged_runs(folders):
+    """(runs, variant names in order of first appearance) recorded in several ablation folders. They
+    must have trained and probed on the same betons; a (variant, seed) recorded in two is refused."""
+    runs, variants, betons = {}, [], None
+    for folder in folders:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise UserError(f"no results.json in {folder}: not an ablation folder")
+        with open(path) as f:
+            results = json.load(f)
+        settings = results.get("settings", {})
+        folder_betons = (settings.get("train"), settings.get("val"))
+        if betons is not None and folder_betons != betons:
+            raise UserError(f"{folder} used the betons {folder_betons}, {folders[0]} {betons}: their runs "
+                            "do not measure the same thing")
+        betons = folder_betons
+        twice = sorted(set(runs) & set(results.get("runs", {})))
+        if twice:
+            raise UserError(f"{folder} records {', '.join(twice)} again: a (variant, seed) may come from one folder only")
+        runs.update(results.get("runs", {}))
+        names = results.get("variants") or {k.rsplit("|", 1)[0]: None for k in results.get("runs", {})}
+        variants += [name for name in names if name not in variants and name not in BASELINES]
+        seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results.get("runs", {})})
+        print(f"{folder}: seeds {seeds}, commit {results.get('commit', '?')[:12]}, config {settings.get('config')}")
+    if not variants:
+        raise UserError("the folders record no trained variant")
+    return runs, variants
+
+
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report:
+        return print_tables(*merged_runs(args.report))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = parse_variants(args.variant, args.variants)
     for path in (args.config, args.train, args.val):
@@ -326,18 +409,14 @@ def main(argv=None):
         raise UserError(f"{len(failures)} run(s) failed, the rest are recorded in {results_path}: " + "; ".join(failures))
 
     chosen = {k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds}
-    table = summarize(chosen, [*BASELINES, *variants])
+    table, reference, paired = print_tables(chosen, list(variants))
     results["summary"] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
                           for name, row in table.items()}
-    reference = next(iter(variants))
-    paired = paired_differences(chosen, list(variants), reference)
     results["paired"] = {"reference": reference, **{
-        name: {m: {"mean": v[0], "std": v[1], "n": v[2], "per_seed": v[3]} for m, v in row.items()}
+        name: {m: {"mean": v[0], "std": v[1], "n": v[2], "per_seed": v[3], "p_sign_flip": v[4]}
+               for m, v in row.items()}
         for name, row in paired.items()}}
     save_results(results, results_path)
-    print("\n" + format_table(table))
-    if paired:
-        print(f"\nminus '{reference}', paired by seed\n" + format_table(paired, signed=True))
     png = os.path.join(args.out, "ablation.png")
     plot_table(table, png, f"{os.path.basename(args.train)} | {args.config} {args.set} | seeds {args.seeds}")
     print(f"\nwrote {results_path} and {png}", flush=True)

@@ -292,3 +292,42 @@ def knn_monitor(encoder, bank_loader, query_loader, *, device, dtype, k=20, temp
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return knn_top1(bank_feats, bank_labels, query_feats, query_labels, k=k, temperature=temperature,
                     num_classes=num_classes, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the features hold
+
+
+def explained_variance(features, regressors):
+    """Share (0..1) of the variance of `features` (N, D) that an affine least-squares map of
+    `regressors` (N, K) explains, each feature dimension first scaled to unit variance (what the linear
+    probe's BatchNorm does), so the share is the mean over dimensions of each one's R^2. Constant
+    dimensions (dead units) are left out."""
+    features = features.double()
+    features = features - features.mean(0)
+    std = features.std(0)
+    features = features[:, std > 0] / std[std > 0]
+    if features.shape[1] == 0:
+        raise ValueError("every feature dimension is constant: nothing to explain")
+    design = torch.cat([regressors.double() - regressors.double().mean(0),
+                        torch.ones(len(regressors), 1, dtype=torch.float64)], dim=1)  # (N, K + 1)
+    fitted = design @ torch.linalg.lstsq(design, features).solution  # (N, D')
+    return float((fitted ** 2).sum() / (features ** 2).sum())
+
+
+def class_indicators(labels):
+    """(N, C) one-hot rows of labels 0..C-1: the regressors whose fit is each class's mean."""
+    return F.one_hot(labels.long()).double()
+
+
+def colour_regressors(images):
+    """(B, 9) per image of uint8 or float (B, 3, H, W) images: mean RGB of the whole image, of its
+    border band (the outer eighth of each side, where backgrounds show) and of its centre (the middle
+    half of each side, where objects tend to be)."""
+    images = images.double()
+    h, w = images.shape[-2:]
+    band_h, band_w = max(1, h // 8), max(1, w // 8)
+    border = torch.ones(h, w, dtype=torch.bool)
+    border[band_h:h - band_h, band_w:w - band_w] = False
+    centre = images[..., h // 4:h - h // 4, w // 4:w - w // 4]
+    return torch.cat([images.mean((2, 3)), images[..., border].mean(2), centre.mean((2, 3))], dim=1)

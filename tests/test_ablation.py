@@ -76,11 +76,65 @@ def test_paired_differences_subtract_the_reference_at_the_seeds_both_have():
     runs[ablation.result_key("3 levels", 5)] = record("3 levels", 5, 90.0, 90.0)  # no seed in common
     table = ablation.paired_differences(runs, ["1 level", "2 levels", "3 levels"], "1 level")
     assert list(table) == ["2 levels"]
-    mean, std, n, per_seed = table["2 levels"]["top1"]
+    mean, std, n, per_seed, _ = table["2 levels"]["top1"]
     assert (mean, n, per_seed) == (2.5, 2, {0: 1.0, 2: 4.0})
     assert std == pytest.approx(2.1213203)  # sample std of (1, 4)
     assert table["2 levels"]["knn_top1"][:3] == (2.0, 0.0, 2)
     assert "+2.5" in ablation.format_table(table, signed=True)
+    assert table["2 levels"]["top1"][4] == 0.5  # of (±1, ±4) only +1+4 and -1-4 reach |sum| 5
+
+
+@pytest.mark.parametrize("differences, p", [
+    ([1.0, 1.0, 1.0], 2 / 8),          # only all-positive and all-negative reach |mean| 1
+    ([3.0, 1.0, 1.0, 1.0], 2 / 16),    # flipping any one sign lowers |sum| below 6
+    ([1.0, 1.0, 0.0], 4 / 8),          # a zero difference's sign changes nothing: ++ and -- of the others
+    ([1.0, -1.0], 1.0),                # observed mean 0: every assignment is as far from 0
+    ([0.5], 1.0),
+])
+def test_sign_flip_p_is_the_share_of_sign_assignments_at_least_as_extreme(differences, p):
+    assert ablation.sign_flip_p(differences) == pytest.approx(p)
+
+
+def test_sign_flip_p_of_many_seeds_samples_assignments_and_stays_reproducible():
+    differences = [1.0] * 20
+    assert ablation.sign_flip_p(differences) == ablation.sign_flip_p(differences) < 0.001
+
+
+def write_results(folder, runs, train="a.beton"):
+    os.makedirs(folder, exist_ok=True)
+    ablation.save_results({"runs": runs, "settings": {"train": train, "val": "b.beton"},
+                           "variants": {name: VARIANTS[name] for name in VARIANTS}, "commit": "0123456789abcdef"},
+                          os.path.join(folder, "results.json"))
+
+
+def test_report_merges_the_seeds_of_several_folders_and_trains_nothing(tmp_path, capsys):
+    write_results(tmp_path / "a", {ablation.result_key(v, s): record(v, s, top1 + s, 50.0)
+                                   for s in (0, 1) for v, top1 in (("1 level", 70.0), ("2 levels", 71.0))})
+    write_results(tmp_path / "b", {ablation.result_key(v, 2): record(v, 2, top1, 50.0)
+                                   for v, top1 in (("1 level", 70.0), ("2 levels", 74.0))})
+    table, reference, paired = ablation.main(["--report", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert reference == "1 level" and table["2 levels"]["top1"][2] == 3
+    assert paired["2 levels"]["top1"][3] == {0: 1.0, 1: 1.0, 2: 4.0}
+    assert "p: sign-flip test" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "a" / "runs")
+
+
+def test_report_refuses_folders_of_other_betons_or_a_seed_recorded_twice(tmp_path):
+    runs = {ablation.result_key("1 level", 0): record("1 level", 0, 70.0, 50.0)}
+    write_results(tmp_path / "a", runs)
+    write_results(tmp_path / "b", runs)
+    write_results(tmp_path / "c", {ablation.result_key("1 level", 1): record("1 level", 1, 70.0, 50.0)}, train="x.beton")
+    with pytest.raises(UserError, match="again"):
+        ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(UserError, match="betons"):
+        ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "c")])
+
+
+def test_report_with_training_arguments_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="without --train"):
+        ablation.parse_args(["--report", str(tmp_path), "--train", "a.beton"])
+    with pytest.raises(UserError, match="required"):
+        ablation.parse_args(["--config", "c.yaml"])
 
 
 @pytest.mark.parametrize("spec", ["no equals sign", "x=--model.num_levels", "x=num_levels=1",

@@ -349,3 +349,69 @@ def test_cli_random_init_probes_an_untrained_encoder_of_the_model_section(betons
         result = json.load(f)
     assert (result["encoder"], result["arch"], result["checkpoint"]) == ("random", "vit_tiny", None)
     assert result["cache_hits"] == {"train": False, "val": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# What the features hold: shares of variance (bench/feature_variance.py)
+
+
+def test_features_affine_in_the_regressors_are_fully_explained():
+    regressors = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    features = regressors @ torch.randn(3, 6, generator=torch.Generator().manual_seed(1)) + 7.0
+    assert probe.explained_variance(features, regressors) == pytest.approx(1.0)
+
+
+def test_features_uncorrelated_with_the_regressors_are_not_explained():
+    regressors = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
+    features = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])  # orthogonal to the regressor, both centred
+    assert probe.explained_variance(features, regressors) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_each_dimension_counts_equally_whatever_its_scale_and_constant_ones_are_left_out():
+    regressors = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
+    explained, unexplained, constant = 100.0 * regressors, torch.tensor([[1.0], [1.0], [-1.0], [-1.0]]), torch.ones(4, 1)
+    features = torch.cat([explained, unexplained, constant], dim=1)  # R^2 1 and 0: mean 0.5 despite the 100x
+    assert probe.explained_variance(features, regressors) == pytest.approx(0.5)
+
+
+def test_class_indicators_explain_the_between_class_share_of_the_variance():
+    # classes 0, 0, 1, 1 with feature 0, 2, 4, 6: class means 1 and 5 around 3; between 16 of total 20
+    features, labels = torch.tensor([[0.0], [2.0], [4.0], [6.0]]), torch.tensor([0, 0, 1, 1])
+    assert probe.explained_variance(features, probe.class_indicators(labels)) == pytest.approx(0.8)
+
+
+def test_colour_regressors_read_whole_image_border_band_and_centre():
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., :, :] = torch.tensor([10.0, 20.0, 30.0])[:, None, None]       # border band: 2 px (16 / 8)
+    image[..., 2:14, 2:14] = torch.tensor([50.0, 60.0, 70.0])[:, None, None]  # inside it, the centre 8x8 too
+    colours = probe.colour_regressors(image.to(torch.uint8))
+    inside = 144 / 256
+    whole = [10 + inside * 40, 20 + inside * 40, 30 + inside * 40]
+    torch.testing.assert_close(colours[0], torch.tensor([*whole, 10, 20, 30, 50, 60, 70], dtype=torch.float64))
+
+
+def run_feature_variance(*args):
+    return subprocess.run([sys.executable, "bench/feature_variance.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_feature_variance_cli_shares_per_encoder_and_per_seeded_group(betons, checkpoint, tmp_path):
+    out = tmp_path / "variance.json"
+    proc = run_feature_variance(f"--beton={betons[0]}", "--random-init-seeds=0,1", "--num-workers=1",
+                                f"--out={out}", checkpoint)
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as f:
+        result = json.load(f)
+    assert [row["name"] for row in result["rows"]] == ["run0", "random init-s0", "random init-s1"]
+    for row in result["rows"]:
+        assert all(0.0 <= row[key] <= 1.0 + 1e-9 for key in ("class", "colour", "border", "centre"))
+    assert result["colour_explained_by_class"] > 0.99  # the tiny classes are dark and bright images
+    assert result["groups"]["random init"]["seeds"] == 2
+    assert result["groups"]["random init"]["class"][0] == pytest.approx(
+        (result["rows"][1]["class"] + result["rows"][2]["class"]) / 2)
+    assert "mean ± std" in proc.stdout
+
+
+def test_feature_variance_cli_missing_beton_fails_with_one_line(checkpoint, tmp_path):
+    proc = run_feature_variance(f"--beton={tmp_path / 'none.beton'}", checkpoint)
+    assert_one_line_error(proc, "no beton at", "none.beton")
