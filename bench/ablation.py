@@ -77,11 +77,19 @@ def parse_args(argv):
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each a separate process)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    given = [f"--{name}" for name in ("config", "train", "val", "out") if getattr(args, name)]
-    if args.report and given:
-        raise UserError(f"--report trains nothing and reads recorded folders: give it without {' '.join(given)}")
-    if not args.report and len(given) < 4:
-        raise UserError("--config, --train, --val and --out are required (or --report DIR ... alone)")
+    required = ("config", "train", "val", "out")
+    if args.report:
+        given = [f"--{name.replace('_', '-')}" for name in (*required, "seeds", "variant", "variants", "set",
+                                                             "probe_set", "speed_set", "jobs")
+                 if getattr(args, name) != parser.get_default(name)]
+        if given:
+            raise UserError(f"--report prints what the folders recorded and trains nothing: give it alone, "
+                            f"without {' '.join(given)}")
+    else:
+        missing = [f"--{name}" for name in required if not getattr(args, name)]
+        if missing:
+            raise UserError(f"{' '.join(missing)} missing: training an ablation needs --config, --train, --val "
+                            "and --out (or give --report DIR ... alone)")
     return args
 
 
@@ -168,8 +176,8 @@ def sign_flip_p(differences):
     flipping the signs of the n per-seed differences whose mean lies at least as far from 0 as the
     observed mean (observed assignment included). It assumes only that, with no true difference, each
     seed's difference is as likely negative as positive. Exact for n <= 16; above, 2^16 random sign
-    draws (fixed generator) plus the observed one. The smallest p that n seeds can give is 2 / 2^n:
-    0.25 for 3 seeds, 0.0625 for 5."""
+    draws (fixed generator) plus the observed one, so p is never below 1 / 65,537 there. Exactly, the
+    smallest p that n seeds can give is 2 / 2^n: 0.25 for 3 seeds, 0.0625 for 5."""
     differences = np.asarray(differences, dtype=float)
     n = len(differences)
     if n == 0:
@@ -211,7 +219,7 @@ def format_table(table, signed=False):
     p_head = f"{'p':>7}" if signed else ""
     lines = [f"{'variant':<24}{'seeds':>6}{'linear top-1':>18}{p_head}{'k-NN top-1':>18}{p_head}"]
     for name, row in table.items():
-        cells = "".join(f"{m:>+11.1f} ± {s:<4.1f}{rest[1]:>7.2f}" if signed else f"{m:>11.1f} ± {s:<4.1f}"
+        cells = "".join(f"{m:>+11.1f} ± {s:<4.1f}{rest[1]:>7.3f}" if signed else f"{m:>11.1f} ± {s:<4.1f}"
                         for m, s, _, *rest in (row["top1"], row["knn_top1"]))
         lines.append(f"{name:<24}{row['top1'][2]:>6}{cells}")
     return "\n".join(lines)
@@ -322,7 +330,7 @@ def print_tables(runs, variants):
 def merged_runs(folders):
     """(runs, variant names in order of first appearance) recorded in several ablation folders. They
     must have trained and probed on the same betons; a (variant, seed) recorded in two is refused."""
-    runs, variants, betons = {}, [], None
+    runs, variants, overrides, first, configs = {}, [], {}, None, set()
     for folder in folders:
         path = os.path.join(folder, "results.json")
         if not os.path.isfile(path):
@@ -330,19 +338,29 @@ def merged_runs(folders):
         with open(path) as f:
             results = json.load(f)
         settings = results.get("settings", {})
-        folder_betons = (settings.get("train"), settings.get("val"))
-        if betons is not None and folder_betons != betons:
-            raise UserError(f"{folder} used the betons {folder_betons}, {folders[0]} {betons}: their runs "
-                            "do not measure the same thing")
-        betons = folder_betons
-        twice = sorted(set(runs) & set(results.get("runs", {})))
-        if twice:
-            raise UserError(f"{folder} records {', '.join(twice)} again: a (variant, seed) may come from one folder only")
-        runs.update(results.get("runs", {}))
+        shared = {key: settings.get(key) for key in ("train", "val", "set", "probe_set")}
+        if first is not None and shared != first:
+            differ = ", ".join(f"{k} {shared[k]!r} against {first[k]!r}" for k in shared if shared[k] != first[k])
+            raise UserError(f"{folder} was run with other settings than {folders[0]} ({differ}): its runs do "
+                            "not measure the same thing")
+        first = first or shared
+        for key, record in results.get("runs", {}).items():
+            name = key.rsplit("|", 1)[0]
+            if key in runs:
+                raise UserError(f"{folder} records {key} again: a (variant, seed) may come from one folder only")
+            if overrides.setdefault(name, record.get("overrides")) != record.get("overrides"):
+                raise UserError(f"variant '{name}' has overrides {record.get('overrides')} in {folder} but "
+                                f"{overrides[name]} in an earlier folder")
+            runs[key] = record
         names = results.get("variants") or {k.rsplit("|", 1)[0]: None for k in results.get("runs", {})}
         variants += [name for name in names if name not in variants and name not in BASELINES]
         seeds = sorted({int(k.rsplit("|", 1)[1]) for k in results.get("runs", {})})
-        print(f"{folder}: seeds {seeds}, commit {results.get('commit', '?')[:12]}, config {settings.get('config')}")
+        config = f"{settings.get('config')} (sha256 {settings.get('config_sha256', 'not recorded')[:12]})"
+        configs.add(settings.get("config_sha256"))
+        print(f"{folder}: seeds {seeds}, commit {results.get('commit', '?')[:12]}, config {config}")
+    if len(configs) > 1:
+        print("note: the folders' base configs resolve to different values (or one is not recorded); the "
+              "variants' own overrides are the same in all of them")
     if not variants:
         raise UserError("the folders record no trained variant")
     return runs, variants

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
@@ -95,14 +96,17 @@ def test_sign_flip_p_is_the_share_of_sign_assignments_at_least_as_extreme(differ
     assert ablation.sign_flip_p(differences) == pytest.approx(p)
 
 
-def test_sign_flip_p_of_many_seeds_samples_assignments_and_stays_reproducible():
-    differences = [1.0] * 20
-    assert ablation.sign_flip_p(differences) == ablation.sign_flip_p(differences) < 0.001
+def test_sign_flip_p_of_many_seeds_samples_assignments_close_to_the_exact_value():
+    differences = [float(d) for d in np.random.default_rng(3).normal(0.5, 1.0, size=17)]
+    signs = 1 - 2 * ((np.arange(2 ** 17)[:, None] >> np.arange(17)) & 1)  # every assignment of 17 seeds
+    exact = np.mean(np.abs(signs @ differences) >= abs(sum(differences)) - 1e-9)
+    assert ablation.sign_flip_p(differences) == ablation.sign_flip_p(differences)  # a fixed generator
+    assert ablation.sign_flip_p(differences) == pytest.approx(exact, abs=0.005)
 
 
-def write_results(folder, runs, train="a.beton"):
+def write_results(folder, runs, train="a.beton", set_=""):
     os.makedirs(folder, exist_ok=True)
-    ablation.save_results({"runs": runs, "settings": {"train": train, "val": "b.beton"},
+    ablation.save_results({"runs": runs, "settings": {"train": train, "val": "b.beton", "set": set_, "probe_set": ""},
                            "variants": {name: VARIANTS[name] for name in VARIANTS}, "commit": "0123456789abcdef"},
                           os.path.join(folder, "results.json"))
 
@@ -126,14 +130,26 @@ def test_report_refuses_folders_of_other_betons_or_a_seed_recorded_twice(tmp_pat
     write_results(tmp_path / "c", {ablation.result_key("1 level", 1): record("1 level", 1, 70.0, 50.0)}, train="x.beton")
     with pytest.raises(UserError, match="again"):
         ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(UserError, match="betons"):
+    with pytest.raises(UserError, match="train 'x.beton' against 'a.beton'"):
+        ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "c")])
+
+
+def test_report_refuses_folders_trained_with_other_settings_or_other_overrides_under_one_name(tmp_path):
+    write_results(tmp_path / "a", {ablation.result_key("1 level", 0): record("1 level", 0, 70.0, 50.0)})
+    write_results(tmp_path / "b", {ablation.result_key("1 level", 1): record("1 level", 1, 70.0, 50.0)},
+                  set_="--training.epochs=110")
+    other = {**record("1 level", 2, 70.0, 50.0), "overrides": ["--model.num_levels=1"]}
+    write_results(tmp_path / "c", {ablation.result_key("1 level", 2): other})
+    with pytest.raises(UserError, match="set '--training.epochs=110'"):
+        ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(UserError, match="other overrides|has overrides"):
         ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "c")])
 
 
 def test_report_with_training_arguments_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="without --train"):
-        ablation.parse_args(["--report", str(tmp_path), "--train", "a.beton"])
-    with pytest.raises(UserError, match="required"):
+    with pytest.raises(UserError, match="without --train --seeds"):
+        ablation.parse_args(["--report", str(tmp_path), "--train", "a.beton", "--seeds", "1"])
+    with pytest.raises(UserError, match="--train --val --out missing"):
         ablation.parse_args(["--config", "c.yaml"])
 
 

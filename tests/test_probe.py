@@ -380,6 +380,14 @@ def test_class_indicators_explain_the_between_class_share_of_the_variance():
     assert probe.explained_variance(features, probe.class_indicators(labels)) == pytest.approx(0.8)
 
 
+def test_classes_that_never_occur_change_nothing_and_unlabeled_samples_are_refused():
+    features = torch.tensor([[0.0], [2.0], [4.0], [6.0]])
+    with_gaps = probe.class_indicators(torch.tensor([3, 3, 7, 7]))  # 8 columns, 6 of them zero
+    assert probe.explained_variance(features, with_gaps) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="unlabeled"):
+        probe.class_indicators(torch.tensor([0, probe.UNLABELED]))
+
+
 def test_colour_regressors_read_whole_image_border_band_and_centre():
     image = torch.zeros(1, 3, 16, 16)
     image[..., :, :] = torch.tensor([10.0, 20.0, 30.0])[:, None, None]       # border band: 2 px (16 / 8)
@@ -410,6 +418,33 @@ def test_feature_variance_cli_shares_per_encoder_and_per_seeded_group(betons, ch
     assert result["groups"]["random init"]["class"][0] == pytest.approx(
         (result["rows"][1]["class"] + result["rows"][2]["class"]) / 2)
     assert "mean ± std" in proc.stdout
+
+
+def load_feature_variance():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("feature_variance", os.path.join(REPO, "bench", "feature_variance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_feature_variance_reads_the_one_mean_token_probe_beside_a_checkpoint(tmp_path):
+    feature_variance = load_feature_variance()
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    assert feature_variance.probe_top1(checkpoint, "target") is None
+    with open(tmp_path / "probe.json", "w") as f:
+        json.dump({"top1": 71.5, "encoder": "target", "last_k_blocks": 1}, f)
+    assert feature_variance.probe_top1(checkpoint, "target") == 71.5
+    assert feature_variance.probe_top1(checkpoint, "context") is None  # another encoder's probe
+    with open(tmp_path / "probe_fashion_mnist_target.json", "w") as f:
+        json.dump({"top1": 70.0, "encoder": "target"}, f)
+    assert feature_variance.probe_top1(checkpoint, "target") is None  # two results: which one is unknown
+    rows = [{"class": c, "colour": 1 - c, "border": 0.5, "centre": c, "top1": t}
+            for c, t in ((0.1, 60.0), (0.2, 70.0), (0.3, 80.0))] + [{"class": 0.9, "top1": None}]
+    correlation = feature_variance.correlations(rows)
+    assert (correlation["class"], correlation["colour"], correlation["rows"]) == (pytest.approx(1.0), pytest.approx(-1.0), 3)
+    assert correlation["border"] is None  # constant over the rows: no correlation to speak of
 
 
 def test_feature_variance_cli_missing_beton_fails_with_one_line(checkpoint, tmp_path):
