@@ -1,5 +1,4 @@
-"""What an encoder's pooled features hold: the share of their variance the class explains, and the share
-the image's mean colour explains.
+"""What an encoder's pooled features hold: the shares of their variance that the class and the colour explain.
 
     python bench/feature_variance.py --beton betons/demo_train.beton --random-init-seeds 0,1 \\
         --out feature_variance.json ablation_demo/runs/*/checkpoint.pt

@@ -1,7 +1,7 @@
 """Linear-probe and k-NN top-1 of a frozen H-JEPA encoder, on any beton the writers produce.
 
     python eval/linear_probe.py --eval.checkpoint=runs/RUN/checkpoint.pt \
-        --eval.train_dataset=data/imagenet100_train.beton --eval.val_dataset=data/imagenet100_val.beton
+        --eval.train_dataset=betons/imagenet100_train.beton --eval.val_dataset=betons/imagenet100_val.beton
     python eval/linear_probe.py --eval.random_init=1 --model.arch=vit_small --data.image_size=224 ...
     python eval/linear_probe.py --eval.pixels=1 --data.image_size=64 ...   # raw pixels, no encoder
     python eval/linear_probe.py --eval.checkpoint=... --eval.tokens=grid ...   # every token, not their mean
