@@ -11,6 +11,11 @@ prediction's window means).
 
 `level_windows` says where a level's windows lie. "block" (above): inside each target block, so a
 level-h target is the mean of the block's own patches, which level 0 already predicts one by one.
+With one shared read-out and final-depth targets, such a level adds no new target: a patch's squared
+error is its cell's mean error plus its deviation from that mean, so the level-0 loss is the level-h
+loss plus the error's within-cell spread (exactly so for unnormalised MSE), and the per-patch
+prediction that minimises one minimises the other. The coarse level only re-weights the cell-mean
+part of the error; a different target needs `level_depths`, `level_heads` or grid windows.
 "grid": 2^h x 2^h windows of the whole patch grid, and a cell's target is the mean over every patch
 of the window the block reaches into, masked or visible; each block token's head read-out is
 averaged per window, so the coarse levels ask for the gist of a region larger than the block (the
@@ -31,7 +36,8 @@ Two choices make the levels' losses mean what their weights say (bench/hierarchy
   (tiling blocks into whole windows would change it: no default block is a multiple of 4).
 - Each pooled level-h >= 1 cell is layer-normed (`normalize_levels`): averaging layer-normed tokens
   shrinks them, the more the more they differ. The prediction is shifted and scaled by the same
-  (target) mean and std, so the optimum is unchanged: a prediction equal to the target at every
+  (target) mean and std (the mean over D of an average of layer-normed tokens is 0, so in effect a
+  rescale by the pooled target's std), so the optimum is unchanged: a prediction equal to the target at every
   patch still scores zero at every level, and one shared prediction serves all levels. Measured
   shrink is modest so far: pooled-target std 1 / 0.96 / 0.91 at levels 0 / 1 / 2 for a random-init
   ViT-S/16, 1 / 0.95 / 0.88 for a vit_micro after 110 steps on Fashion-MNIST; normalised, the

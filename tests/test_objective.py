@@ -82,6 +82,27 @@ def test_patch_count_weighting_gives_every_real_patch_the_same_gradient():
     torch.testing.assert_close(prediction.grad, torch.full_like(prediction, 2 / 25))
 
 
+def test_with_block_windows_level_0_is_level_1_plus_the_error_left_within_each_cell():
+    # Unnormalised MSE on one 3 x 5 block: every patch's squared error splits into its cell's mean
+    # error and its deviation from it, so the level-0 loss is the (patch-count-weighted) level-1 loss
+    # plus the within-cell spread of the error. A block-window level asks for nothing level 0 does not
+    # already ask; it re-weights the cell-mean part of the same error (the predictor that minimises
+    # one minimises the other).
+    torch.manual_seed(0)
+    pos = block_positions(3, 5)
+    prediction, target = torch.randn(1, 15, 8), torch.randn(1, 15, 8)
+    level0 = level_loss(prediction, target, torch.ones(15), F.mse_loss, normalize=False)
+    cells = level_cells(pos, 1, (8, 8))
+    weights = cells.sum(dim=1)
+    level1 = level_loss(pool_target_blocks(prediction, cells), pool_target_blocks(target, cells), weights,
+                        F.mse_loss, normalize=False)
+    error = prediction - target  # (1, 15, D)
+    cell_of = cells.argmax(dim=0)  # (15,): each real patch's cell
+    cell_mean_error = pool_target_blocks(error, cells)[0, cell_of]  # (15, D)
+    within = ((error[0] - cell_mean_error) ** 2).mean()
+    assert level0.item() == pytest.approx(level1.item() + within.item())
+
+
 def test_level_normalisation_layer_norms_the_pooled_target_and_scales_the_prediction_alike():
     torch.manual_seed(0)
     target = 0.3 * torch.randn(2, 3, 16) + 0.1  # shrunken cells, as averaging layer-normed tokens gives
