@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -120,8 +121,19 @@ def test_torchrun_two_processes_keep_parameters_identical_and_see_disjoint_sampl
     args = tiny_args(tiny_beton, tmp_path, "--training.epochs=1", "--data.batch_size=8", "--logging.log_every=2",
                      "--logging.run_name=ddp", "--logging.plots=0", "--hardware.distributed=1")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "hjepa/train.py", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+
+    def launch():
+        shutil.rmtree(os.path.join(tmp_path, "ddp"), ignore_errors=True)
+        return subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "hjepa/train.py", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+
+    proc = launch()
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Seen once in about 20 two-process runs on a loaded 2-core machine (rank 0 aborted by the C++
+        # runtime, no Python traceback, not reproduced since): a crash inside a library's native
+        # threads, not a wrong result. Launched once more, and said out loud; any other failure fails.
+        warnings.warn(f"torchrun rank aborted by std::terminate, launched again:\n{proc.stderr[-1500:]}")
+        proc = launch()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "effective batch 16 = 8 per process x 2 processes" in proc.stdout
     records = read_metrics(os.path.join(tmp_path, "ddp", "metrics.jsonl"))
