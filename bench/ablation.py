@@ -329,7 +329,8 @@ def print_tables(runs, variants):
 
 def merged_runs(folders):
     """(runs, variant names in order of first appearance) recorded in several ablation folders. They
-    must have trained and probed on the same betons; a (variant, seed) recorded in two is refused."""
+    must have trained and probed on the same betons; a (variant, seed) recorded in two is refused,
+    except a baseline that measured the same (each folder probes random init and the pixels itself)."""
     runs, variants, overrides, first, configs = {}, [], {}, None, set()
     for folder in folders:
         path = os.path.join(folder, "results.json")
@@ -346,6 +347,8 @@ def merged_runs(folders):
         first = first or shared
         for key, record in results.get("runs", {}).items():
             name = key.rsplit("|", 1)[0]
+            if key in runs and name in BASELINES and all(runs[key][m] == record[m] for m in ("top1", "knn_top1")):
+                continue  # every folder probes the baselines at its seeds: the same measurement, kept once
             if key in runs:
                 raise UserError(f"{folder} records {key} again: a (variant, seed) may come from one folder only")
             if overrides.setdefault(name, record.get("overrides")) != record.get("overrides"):

@@ -130,6 +130,15 @@ def test_report_refuses_folders_of_other_betons_or_a_seed_recorded_twice(tmp_pat
     write_results(tmp_path / "c", {ablation.result_key("1 level", 1): record("1 level", 1, 70.0, 50.0)}, train="x.beton")
     with pytest.raises(UserError, match="again"):
         ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "b")])
+    # Baselines: each folder probes them at its own seeds; the same figures are one measurement.
+    baseline = {ablation.result_key(ablation.RANDOM_INIT, 0): record(ablation.RANDOM_INIT, 0, 60.0, 40.0)}
+    write_results(tmp_path / "d", {**baseline, ablation.result_key("2 levels", 0): record("2 levels", 0, 71.0, 50.0)})
+    write_results(tmp_path / "e", {**baseline, **runs})
+    merged, _ = ablation.merged_runs([str(tmp_path / "d"), str(tmp_path / "e")])
+    assert len(merged) == 3
+    write_results(tmp_path / "f", {ablation.result_key(ablation.RANDOM_INIT, 0): record(ablation.RANDOM_INIT, 0, 61.0, 40.0)})
+    with pytest.raises(UserError, match="again"):
+        ablation.merged_runs([str(tmp_path / "d"), str(tmp_path / "f")])
     with pytest.raises(UserError, match="train 'x.beton' against 'a.beton'"):
         ablation.merged_runs([str(tmp_path / "a"), str(tmp_path / "c")])
 
