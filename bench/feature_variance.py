@@ -30,13 +30,16 @@ import sys
 import numpy as np
 import torch
 
-from hjepa import probe
-from hjepa.checkpoint import encoder_from_checkpoint, load_training_checkpoint
-from hjepa.errors import UserError, exit_on_user_error
-from hjepa.runlog import git_commit
-from hjepa.vit import build_encoder
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # run as a script, this file's siblings import as bench.<module> from the root
+    sys.path.insert(0, REPO)
+
+from bench.ablation import mean_std_n  # noqa: E402 (after the path set-up)
+from hjepa import probe  # noqa: E402
+from hjepa.checkpoint import encoder_from_checkpoint, load_training_checkpoint  # noqa: E402
+from hjepa.errors import UserError, exit_on_user_error  # noqa: E402
+from hjepa.runlog import git_commit  # noqa: E402
+from hjepa.vit import build_encoder  # noqa: E402
 
 SHARES = ("class", "colour", "border", "centre")
 
@@ -142,14 +145,14 @@ def image_colours(loader):
 
 
 def summarise(rows):
-    """{group: {share: [mean, std]}} over the rows named <group>-s<seed> (std 0 for a single seed)."""
+    """{group: {share: [mean, std]}} over the rows named <group>-s<seed> (ablation's mean_std_n: sample
+    std, 0 for a single seed)."""
     groups = {}
     for row in rows:
-        if group_of(row["name"]) is not None:
-            groups.setdefault(group_of(row["name"]), []).append(row)
-    return {group: {key: [float(np.mean([r[key] for r in members])),
-                          float(np.std([r[key] for r in members], ddof=1)) if len(members) > 1 else 0.0]
-                    for key in SHARES} | {"seeds": len(members)}
+        group = group_of(row["name"])
+        if group is not None:
+            groups.setdefault(group, []).append(row)
+    return {group: {key: list(mean_std_n([r[key] for r in members])[:2]) for key in SHARES} | {"seeds": len(members)}
             for group, members in groups.items()}
 
 
