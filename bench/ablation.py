@@ -69,7 +69,9 @@ def parse_args(argv):
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                         help="a variant: name=--section.param=value ... (repeatable)")
     parser.add_argument("--variants", help="YAML file {name: [--section.param=value, ...]}")
-    parser.add_argument("--set", default="", metavar="OVERRIDES", help="overrides for every run; write --set='--training.epochs=40 ...' (with '=': the value starts with --)")
+    parser.add_argument("--set", default="", metavar="OVERRIDES",
+                        help="overrides for every run; write --set='--training.epochs=40 ...' "
+                             "(with '=': the value starts with --)")
     parser.add_argument("--probe-set", default="", metavar="OVERRIDES", help="overrides for every probe")
     parser.add_argument("--speed-set", default="", metavar="OVERRIDES",
                         help="overrides that change speed, not results, for every train and probe (e.g. "
