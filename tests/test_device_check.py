@@ -136,7 +136,7 @@ def test_cut_blocks_variant_retries_once_with_mix_order_reductions_off_after_an_
     monkeypatch.setattr(device_variants, "_time_exact_target_blocks", failing_then_working)
 
     class Run:  # the budget as BudgetedRun keeps it, the sections' time reserves as the GPU run has them
-        budget_s = 480.0  # the default --budget-s
+        budget_s = device_check.parse_args([]).budget_s  # the default --budget-s
         size = {"min_seconds": device_check.MIN_SECONDS}
 
         def __init__(self, elapsed):
