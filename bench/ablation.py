@@ -267,6 +267,16 @@ def save_results(results, path):
     os.replace(tmp, path)
 
 
+def load_results(folder):
+    """(results, path) of <folder>/results.json, {"runs": {}} if there is none yet; makes the folder."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "results.json")
+    if not os.path.isfile(path):
+        return {"runs": {}}, path
+    with open(path) as f:
+        return json.load(f), path
+
+
 def run_logged(args, log_path):
     """Run `python *args` from the repo root with its output in log_path; UserError naming the log on failure."""
     start = time.perf_counter()
@@ -394,12 +404,7 @@ def main(argv=None):
     for name in ("config", "train", "val", "out"):
         setattr(args, name, os.path.abspath(getattr(args, name)))
 
-    os.makedirs(args.out, exist_ok=True)
-    results_path = os.path.join(args.out, "results.json")
-    results = {"runs": {}}
-    if os.path.isfile(results_path):
-        with open(results_path) as f:
-            results = json.load(f)
+    results, results_path = load_results(args.out)
     results["path"] = results_path
     check_recorded(results, variants, settings)
     results.update(settings=settings, seeds=seeds, variants=variants, machine=cpu_model(),
