@@ -16,8 +16,10 @@ against both ends: what no training gives and what labels give in the same budge
 
 Every seed is a checkpoint in <out>/runs/supervised-s<seed> (train.py's format, the trained encoder as
 both context and target encoder, so every eval tool reads it). <out>/results.json is rewritten after
-each finished step: a rerun skips what is recorded (and refuses other settings). Prints mean ± std over
-seeds of the supervised head's own val top-1, the probe's linear and k-NN top-1; writes results.json.
+each finished step: a rerun skips what is recorded (and refuses other settings); a seed cut off
+mid-training starts again (one run is minutes). Unlabeled images (STL-10's) are left out of the loss.
+Prints mean ± std over seeds of the supervised head's own val top-1, the probe's linear and k-NN
+top-1; writes results.json.
 """
 import argparse
 import dataclasses
@@ -41,6 +43,7 @@ from hjepa.beton import read_manifest  # noqa: E402
 from hjepa.checkpoint import save_checkpoint  # noqa: E402
 from hjepa.config import config_as_dict, load_config  # noqa: E402
 from hjepa.errors import UserError, exit_on_user_error  # noqa: E402
+from hjepa.probe import UNLABELED  # noqa: E402
 from hjepa.runlog import cpu_model, git_commit  # noqa: E402
 from hjepa.sections import data_config, model_config, optim_config  # noqa: E402
 from hjepa.vit import build_encoder  # noqa: E402
@@ -138,12 +141,12 @@ def train_supervised(cfg, *, seed, epochs, lr, weight_decay, label_smoothing, nu
                 for group in optimizer.param_groups:
                     group["lr"] = rates[step]
                 logits = model(images)  # float32, normalised by the loader's threads
-                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, ignore_index=UNLABELED)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                correct += int((logits.argmax(dim=1) == labels).sum())
-                seen += len(labels)
+                correct += int((logits.argmax(dim=1) == labels).sum())  # UNLABELED never matches
+                seen += int((labels != UNLABELED).sum())
                 step += 1
                 bar.update(1)
             loss = loss.detach()
