@@ -257,7 +257,7 @@ def main(argv=None):
         else:
             record = ablation.run_step(name, seed, args=args, variants={}, base_model=base_model, runs_dir=runs_dir)
         results["runs"][ablation.result_key(name, seed)] = record
-        ablation.save_results({**results, "path": results_path}, results_path)
+        ablation.save_results(results, results_path)  # also takes in runs another process recorded
         print(f"{name} seed {seed}: linear {record['top1']:.1f}, k-NN {record['knn_top1']:.1f}"
               + (f", own head {record['head_top1']:.1f}, {record['train_s']:.0f} s of training"
                  if name == SUPERVISED else ""), flush=True)
@@ -266,7 +266,7 @@ def main(argv=None):
     print("\n" + format_summary(table))
     results["summary"] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
                           for name, row in table.items()}
-    ablation.save_results({**results, "path": results_path}, results_path)
+    ablation.save_results(results, results_path)
     print(f"\nwrote {results_path}", flush=True)
     return results
 
