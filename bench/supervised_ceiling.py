@@ -43,6 +43,7 @@ from hjepa.beton import read_manifest  # noqa: E402
 from hjepa.checkpoint import save_checkpoint  # noqa: E402
 from hjepa.config import config_as_dict, load_config  # noqa: E402
 from hjepa.errors import UserError, exit_on_user_error  # noqa: E402
+from hjepa.model import weight_decay_groups  # noqa: E402
 from hjepa.probe import UNLABELED  # noqa: E402
 from hjepa.runlog import cpu_model, git_commit  # noqa: E402
 from hjepa.sections import data_config, model_config, optim_config  # noqa: E402
@@ -98,14 +99,6 @@ class MeanTokenClassifier(nn.Module):
         return self.head(self.encoder(images).mean(dim=1))
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: decay on matrices only (weights of linear layers and the patch embedding), as in
-    hjepa.model's groups; biases and norms are not decayed."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
 def learning_rates(optim, *, steps, warmup_steps, peak_lr):
     """The per-step learning rate: hjepa.schedules' warmup and cosine, from the config's optim section."""
     return [schedules.learning_rate(step, total_steps=steps, warmup_steps=warmup_steps, peak_lr=peak_lr,
@@ -126,13 +119,14 @@ def train_supervised(cfg, *, seed, epochs, lr, weight_decay, label_smoothing, nu
     model = MeanTokenClassifier(encoder, num_classes).train()
     data = data_config(cfg)
     data = dataclasses.replace(data, seed=seed)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(optim.beta1, optim.beta2))
+    optimizer = torch.optim.AdamW(weight_decay_groups(model.named_parameters(), weight_decay), lr=lr,
+                                  betas=(optim.beta1, optim.beta2))
     with build_train_loader(data, output="float32") as loader:
         steps_per_epoch = len(loader)
         steps = epochs * steps_per_epoch
         rates = learning_rates(optim, steps=steps, warmup_steps=round(optim.warmup_epochs * steps_per_epoch),
-                               peak_lr=lr * data.batch_size / 256)
-        step, correct, seen, loss = 0, 0, 0, torch.tensor(float("nan"))
+                               peak_lr=dataclasses.replace(optim, lr=lr).peak_lr(data.batch_size))
+        step, loss = 0, torch.tensor(float("nan"))
         bar = tqdm(total=steps, desc=f"supervised seed {seed}", unit="step", disable=not progress,
                    dynamic_ncols=True)
         for epoch in range(epochs):

@@ -303,15 +303,21 @@ class HJEPA(nn.Module):
         return modules
 
     def param_groups(self, weight_decay):
-        """AdamW groups: decay iff p.ndim >= 2 (weight matrices and kernels); none on biases, norms and
-        the predictor's mask token (an embedding, exempt like timm's cls/pos tokens though it is 3-D)."""
-        decay, no_decay = [], []
-        for module in self.trainable_modules().values():
-            for name, p in module.named_parameters():
-                if p.requires_grad:
-                    (decay if p.ndim >= 2 and not name.endswith("mask_token") else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay, "apply_weight_decay": True},
-                {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False}]
+        """AdamW groups of the trainable parts (weight_decay_groups)."""
+        return weight_decay_groups([item for module in self.trainable_modules().values()
+                                    for item in module.named_parameters()], weight_decay)
+
+
+def weight_decay_groups(named_parameters, weight_decay):
+    """AdamW groups of (name, parameter) pairs: decay iff p.ndim >= 2 (weight matrices and kernels); none on
+    biases, norms and the predictor's mask token (an embedding, exempt like timm's cls/pos tokens though it
+    is 3-D). Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and not name.endswith("mask_token") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "apply_weight_decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False}]
 
 
 def _level_depths(level_depths, num_levels, encoder_depth):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from hjepa.model import weight_decay_groups
 from hjepa.schedules import OptimConfig
 from hjepa.vit import build_encoder
 
@@ -32,7 +33,7 @@ def test_the_classifier_reads_the_linear_probes_feature_the_mean_of_the_final_no
 
 def test_weight_decay_applies_to_matrices_only():
     model = supervised_ceiling.MeanTokenClassifier(build_encoder("vit_micro", patch_size=8, image_size=32), 4)
-    decayed, plain = supervised_ceiling.param_groups(model, 0.05)
+    decayed, plain = weight_decay_groups(model.named_parameters(), 0.05)  # what the script hands AdamW
     assert (decayed["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
     assert any(p is model.head.weight for p in decayed["params"])
     assert any(p is model.head.bias for p in plain["params"])
