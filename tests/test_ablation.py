@@ -183,11 +183,12 @@ def test_saving_keeps_runs_another_process_recorded_in_the_same_folder(tmp_path)
         assert sorted(json.load(f)["runs"]) == ["1 level|0", "1 level|1"]
 
 
-def test_the_shipped_recipe_screen_is_valid_overrides_of_the_cpu_recipe():
+@pytest.mark.parametrize("name, count", [("recipe_screen.yaml", 6), ("recipe_sweep.yaml", 20)])
+def test_the_shipped_variant_files_are_valid_overrides_of_the_cpu_recipe(name, count):
     from hjepa.config import load_config
 
-    variants = ablation.parse_variants([], os.path.join(REPO_ROOT, "bench", "recipe_screen.yaml"))
-    assert len(variants) == 6
+    variants = ablation.parse_variants([], os.path.join(REPO_ROOT, "bench", name))
+    assert len(variants) == count
     for overrides in variants.values():
         load_config([os.path.join(REPO_ROOT, "rn_configs", "cpu_demo.yaml")], argv=overrides)  # raises on a typo
 
