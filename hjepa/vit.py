@@ -65,7 +65,7 @@ class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D-dim tokens: a stride-p Conv2d's weights (timm's and I-JEPA's
     `patch_embed.proj`, so their checkpoints load as they are), applied as one matmul over flattened
     patches. Same products and sums as the convolution; on a GPU, cuDNN ran this 3-channel convolution
-    as a slow NHWC kernel behind a channel-padding pass (README "GPU figures")."""
+    as a slow NHWC kernel behind a channel-padding pass (docs/results.md, the H200 device check)."""
 
     def __init__(self, patch_size, embed_dim, in_chans=3):
         super().__init__()
