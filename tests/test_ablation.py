@@ -195,7 +195,8 @@ def test_the_shipped_variant_files_are_valid_overrides_of_the_cpu_recipe(name, c
 
 def test_the_command_trains_probes_and_records_from_relative_paths(tiny_beton, tmp_path):
     # Run from the caller's folder with relative paths, as a user would: the runs start in the
-    # repository's folder, so the paths must be resolved before they do.
+    # repository's folder, so the paths must be resolved before they do. --jobs 3: the three runs at
+    # once, as users run it, and results.json must still gather all of them.
     shutil.copyfile(tiny_beton, tmp_path / "tiny.beton")
     shutil.copyfile(manifest_path(tiny_beton), manifest_path(str(tmp_path / "tiny.beton")))
     tiny = ("--set=--training.epochs=1 --training.max_steps=2 --data.batch_size=16 --data.image_size=32 "
@@ -205,7 +206,7 @@ def test_the_command_trains_probes_and_records_from_relative_paths(tiny_beton, t
          os.path.relpath(os.path.join(REPO_ROOT, "rn_configs", "cpu_demo.yaml"), tmp_path),
          "--train", "tiny.beton", "--val", "tiny.beton", "--out", "out", "--seeds", "0",
          "--variant", "1 level=--model.num_levels=1 --model.level_weights=1.0", tiny,
-         "--probe-set=--eval.epochs=1 --eval.min_steps=1", "--no-progress",
+         "--probe-set=--eval.epochs=1 --eval.min_steps=1", "--no-progress", "--jobs", "3",
          "--speed-set=--hardware.num_threads=1 --data.num_workers=1 --eval.num_workers=1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
