@@ -187,7 +187,8 @@ class HJEPA(nn.Module):
         # Relative weights, normalised to sum to 1: the prediction loss keeps I-JEPA's scale whatever the
         # number of levels, so the weights of the terms added to it (var_weight, cov_weight) mean the
         # same for every hierarchy. As a plain sum, 1.0/0.5 made the two-level prediction loss 1.5x the
-        # one-level one and the terms two thirds as strong (docs/results.md, "How the variance/covariance terms ... were chosen", measures the difference).
+        # one-level one and the terms two thirds as strong (docs/results.md measures the difference: "How
+        # the variance/covariance terms and the coarse weight were chosen").
         self.level_weights = [w / sum(level_weights) for w in level_weights]
         # A buffer so the weighted mean needs no host-to-device copy each step; not part of any checkpoint.
         self.register_buffer("level_weight_tensor", torch.tensor(self.level_weights), persistent=False)
