@@ -22,6 +22,11 @@ paired by seed (the spread that says whether one beats the other) with the sign-
 (sign_flip_p: five seeds can give no p below 0.0625), writes <out>/results.json and <out>/ablation.png
 (bars with std error bars). Runs on whatever device train.py picks (CPU here).
 
+--test BETON scores every probe on a second held-out beton as well (the same probe, fitted on
+--train; its tables, <out>/ablation_test.png and results.json's summary_test / paired_test): a
+500-image --val measures a run's top-1 to about ±1.8 points (binomial std at 80%), a 9,000-image test
+set to ±0.4. Given to a finished folder, it scores the recorded runs without training any again.
+
     python bench/ablation.py --report ablation_fmnist ablation_fmnist_seeds_5_9
 
 trains nothing: it prints the same tables for the runs recorded in several folders together (more
@@ -61,6 +66,9 @@ def parse_args(argv):
     parser.add_argument("--config", help="base training config (YAML)")
     parser.add_argument("--train", help="training beton (pretraining and probe)")
     parser.add_argument("--val", help="validation beton (probe)")
+    parser.add_argument("--test", help="a second held-out beton, e.g. a larger test set: each probe is also "
+                                       "scored on it (fitted on --train as before); on a finished folder "
+                                       "this scores the recorded runs without training them again")
     parser.add_argument("--out", help="ablation folder: runs, results.json, ablation.png")
     parser.add_argument("--report", nargs="+", metavar="DIR",
                         help="train nothing: print the tables of the runs recorded in these ablation folders "
@@ -81,8 +89,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     required = ("config", "train", "val", "out")
     if args.report:
-        given = [f"--{name.replace('_', '-')}" for name in (*required, "seeds", "variant", "variants", "set",
-                                                             "probe_set", "speed_set", "jobs")
+        given = [f"--{name.replace('_', '-')}" for name in (*required, "test", "seeds", "variant", "variants",
+                                                             "set", "probe_set", "speed_set", "jobs")
                  if getattr(args, name) != parser.get_default(name)]
         if given:
             raise UserError(f"--report prints what the folders recorded and trains nothing: give it alone, "
@@ -151,8 +159,22 @@ def check_recorded(results, variants, settings):
                             f"{variants[name]}: rename it or use another --out")
 
 
-def pending(plan, results):
-    return [(name, seed) for name, seed in plan if result_key(name, seed) not in results.get("runs", {})]
+def pending(plan, results, test=None):
+    """The steps of `plan` that have no record yet, or (with a test beton) no score on that one."""
+    runs = results.get("runs", {})
+    return [(name, seed) for name, seed in plan
+            if result_key(name, seed) not in runs or (test and runs[result_key(name, seed)].get("test") != test)]
+
+
+def on_test_set(runs):
+    """The runs that were scored on a test beton, with those scores as their top1 / knn_top1, so the
+    summary and paired tables read them; UserError if they were scored on different betons."""
+    tests = {record["test"] for record in runs.values() if "test" in record}
+    if len(tests) > 1:
+        raise UserError(f"the runs were scored on different test betons ({', '.join(sorted(tests))}): "
+                        "rerun the command with one --test")
+    return {key: {**record, "top1": record["test_top1"], "knn_top1": record["test_knn_top1"]}
+            for key, record in runs.items() if "test" in record}
 
 
 def mean_std_n(values):
@@ -290,49 +312,67 @@ def run_logged(args, log_path):
     return time.perf_counter() - start
 
 
-def run_step(name, seed, *, args, variants, base_model, runs_dir):
-    """Train (unless a baseline) and probe one (variant, seed); return its record."""
+def probe_command(name, folder, runs_dir, base_model):
+    """`eval/linear_probe.py` and the arguments that choose what it probes: the raw pixels, a
+    random-init encoder of the base architecture, or the run's checkpoint (its target encoder)."""
+    if name == PIXELS:  # the features do not depend on the seed: one cache for every seed
+        return ["eval/linear_probe.py", "--eval.pixels=1", f"--data.image_size={base_model['image_size']}",
+                f"--eval.cache_dir={os.path.join(runs_dir, 'raw_pixels_features')}"]
+    if name == RANDOM_INIT:
+        return ["eval/linear_probe.py", "--eval.random_init=1", f"--model.arch={base_model['arch']}",
+                f"--model.patch_size={base_model['patch_size']}", f"--data.image_size={base_model['image_size']}",
+                f"--eval.cache_dir={os.path.join(folder, 'features')}"]
+    return ["eval/linear_probe.py", f"--eval.checkpoint={os.path.join(folder, 'checkpoint.pt')}"]
+
+
+def run_step(name, seed, *, args, variants, base_model, runs_dir, test=None, recorded=None):
+    """Train (unless a baseline) and probe one (variant, seed); return its record. With a `test`
+    beton, the same probe (fitted on --train with the same seed) is scored on it too. A `recorded`
+    step is neither trained nor probed on --val again: only its test scores are added."""
     folder = os.path.join(runs_dir, run_folder_name(name, seed))
     os.makedirs(folder, exist_ok=True)
-    probe_json = os.path.join(folder, "probe.json")
-    data = [f"--eval.train_dataset={args.train}", f"--eval.val_dataset={args.val}", f"--eval.seed={seed}",
-            f"--eval.out={probe_json}", "--logging.progress=0", *args.probe_set.split(), *args.speed_set.split()]
-    record = {"seed": seed, "overrides": variants.get(name, [])}
-    if name == PIXELS:  # the features do not depend on the seed: one cache for every seed
-        record["probe_s"] = run_logged(["eval/linear_probe.py", "--eval.pixels=1",
-                                        f"--data.image_size={base_model['image_size']}",
-                                        f"--eval.cache_dir={os.path.join(runs_dir, 'raw_pixels_features')}", *data],
-                                       os.path.join(folder, "probe.log"))
-    elif name == RANDOM_INIT:
-        record["probe_s"] = run_logged(["eval/linear_probe.py", "--eval.random_init=1", f"--model.arch={base_model['arch']}",
-                                        f"--model.patch_size={base_model['patch_size']}",
-                                        f"--data.image_size={base_model['image_size']}",
-                                        f"--eval.cache_dir={os.path.join(folder, 'features')}", *data],
-                                       os.path.join(folder, "probe.log"))
+    log = os.path.join(folder, "probe.log")
+    probe = probe_command(name, folder, runs_dir, base_model)
+
+    def probe_on(beton, out):  # -> (seconds, probe.json's top1, knn_top1)
+        seconds = run_logged([*probe, f"--eval.train_dataset={args.train}", f"--eval.val_dataset={beton}",
+                              f"--eval.seed={seed}", f"--eval.out={out}", "--logging.progress=0",
+                              *args.probe_set.split(), *args.speed_set.split()], log)
+        with open(out) as f:
+            scored = json.load(f)
+        return seconds, scored["top1"], scored["knn_top1"]
+
+    if recorded is None:
+        record = {"seed": seed, "overrides": variants.get(name, [])}
+        if name not in BASELINES:
+            train_args = ["hjepa/train.py", "--config-file", args.config, f"--data.train_dataset={args.train}",
+                          f"--data.val_dataset={args.val}", f"--logging.folder={runs_dir}",
+                          f"--logging.run_name={os.path.basename(folder)}", "--training.resume=auto",
+                          f"--training.seed={seed}", f"--data.seed={seed}", "--logging.progress=0",
+                          *args.set.split(), *variants[name], *args.speed_set.split()]
+            record["train_s"] = run_logged(train_args, os.path.join(folder, "train.log"))
+            with open(os.path.join(folder, "metrics.jsonl")) as f:
+                last = [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r][-1]  # a step line, not an epoch's
+            record["steps"], record["final_loss"] = last["step"], last["loss"]
+        record["probe_s"], record["top1"], record["knn_top1"] = probe_on(args.val, os.path.join(folder, "probe.json"))
     else:
-        train_args = ["hjepa/train.py", "--config-file", args.config, f"--data.train_dataset={args.train}",
-                      f"--data.val_dataset={args.val}", f"--logging.folder={runs_dir}",
-                      f"--logging.run_name={os.path.basename(folder)}", "--training.resume=auto",
-                      f"--training.seed={seed}", f"--data.seed={seed}", "--logging.progress=0",
-                      *args.set.split(), *variants[name], *args.speed_set.split()]
-        record["train_s"] = run_logged(train_args, os.path.join(folder, "train.log"))
-        record["probe_s"] = run_logged(["eval/linear_probe.py", f"--eval.checkpoint={os.path.join(folder, 'checkpoint.pt')}",
-                                        *data], os.path.join(folder, "probe.log"))
-        with open(os.path.join(folder, "metrics.jsonl")) as f:
-            last = [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r][-1]  # a step line, not an epoch's
-        record["steps"], record["final_loss"] = last["step"], last["loss"]
-    with open(probe_json) as f:
-        probe_result = json.load(f)
-    record.update(top1=probe_result["top1"], knn_top1=probe_result["knn_top1"])
+        record = dict(recorded)
+    if test:
+        record["test_probe_s"], record["test_top1"], record["test_knn_top1"] = probe_on(
+            test, os.path.join(folder, "probe_test.json"))
+        record["test"] = test
     return record
 
 
-def print_tables(runs, variants):
+def print_tables(runs, variants, scored_on=None):
     """Print and return (summary table, reference variant, paired table) of recorded runs: the baselines
-    and `variants` (in that order), then each variant minus the first one, paired by seed."""
+    and `variants` (in that order), then each variant minus the first one, paired by seed. `scored_on`
+    names the beton the scores come from in a heading (the test beton's tables)."""
     table = summarize(runs, [*BASELINES, *variants])
     reference = variants[0]
     paired = paired_differences(runs, variants, reference)
+    if scored_on:
+        print(f"\nscored on {scored_on} (the same probes)")
     print("\n" + format_table(table))
     if paired:
         print(f"\nminus '{reference}', paired by seed (p: sign-flip test)\n" + format_table(paired, signed=True))
@@ -385,10 +425,15 @@ def merged_runs(folders):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.report:
-        return print_tables(*merged_runs(args.report))
+        runs, variants = merged_runs(args.report)
+        tables = print_tables(runs, variants)
+        tested = on_test_set(runs)
+        if tested:
+            print_tables(tested, variants, scored_on=next(iter(tested.values()))["test"])
+        return tables
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = parse_variants(args.variant, args.variants)
-    for path in (args.config, args.train, args.val):
+    for path in (args.config, args.train, args.val, *([args.test] if args.test else [])):
         if not os.path.isfile(path):
             raise UserError(f"file not found: {path}")
     base = load_config([args.config], argv=args.set.split())  # checks the base settings before any run
@@ -401,7 +446,7 @@ def main(argv=None):
     settings = {"config": args.config, "config_sha256": config_digest(base), "train": os.path.abspath(args.train),
                 "val": os.path.abspath(args.val), "set": args.set, "probe_set": args.probe_set}
     # The runs start in the repository's folder: paths given relative to the caller's folder must not move.
-    for name in ("config", "train", "val", "out"):
+    for name in ("config", "train", "val", "out", *(["test"] if args.test else [])):
         setattr(args, name, os.path.abspath(getattr(args, name)))
 
     results, results_path = load_results(args.out)
@@ -409,10 +454,13 @@ def main(argv=None):
     check_recorded(results, variants, settings)
     results.update(settings=settings, seeds=seeds, variants=variants, machine=cpu_model(),
                    cpus=os.cpu_count(), commit=git_commit(REPO))
-    todo = pending(plan_runs(variants, seeds), results)
-    done = len(plan_runs(variants, seeds)) - len(todo)
-    print(f"{len(variants)} variants x {len(seeds)} seeds + random init and raw pixels: {done} recorded, "
-          f"{len(todo)} to run (logs under {os.path.join(args.out, 'runs')})", flush=True)
+    plan = plan_runs(variants, seeds)
+    todo = pending(plan, results, args.test)
+    recorded = sum(result_key(name, seed) in results["runs"] for name, seed in plan)
+    rescore = sum(result_key(name, seed) in results["runs"] for name, seed in todo)
+    print(f"{len(variants)} variants x {len(seeds)} seeds + random init and raw pixels: {recorded} recorded, "
+          f"{len(todo) - rescore} to run{f', {rescore} recorded to score on the test beton' if rescore else ''} "
+          f"(logs under {os.path.join(args.out, 'runs')})", flush=True)
 
     from tqdm import tqdm
 
@@ -421,7 +469,9 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool, \
             tqdm(total=len(todo), desc="ablation", unit="run", disable=args.no_progress, dynamic_ncols=True) as bar:
         futures = {pool.submit(run_step, name, seed, args=args, variants=variants, base_model=base_model,
-                               runs_dir=os.path.join(args.out, "runs")): (name, seed) for name, seed in todo}
+                               runs_dir=os.path.join(args.out, "runs"), test=args.test,
+                               recorded=results["runs"].get(result_key(name, seed))): (name, seed)
+                   for name, seed in todo}
         failures = []
         for future in as_completed(futures):
             name, seed = futures[future]
@@ -437,17 +487,24 @@ def main(argv=None):
         raise UserError(f"{len(failures)} run(s) failed, the rest are recorded in {results_path}: " + "; ".join(failures))
 
     chosen = {k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds}
-    table, reference, paired = print_tables(chosen, list(variants))
-    results["summary"] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
-                          for name, row in table.items()}
-    results["paired"] = {"reference": reference, **{
-        name: {m: {"mean": v[0], "std": v[1], "n": v[2], "per_seed": v[3], "p_sign_flip": v[4]}
-               for m, v in row.items()}
-        for name, row in paired.items()}}
+    scored = [("", args.val, chosen)]
+    if args.test:  # every chosen run now carries a score on this test beton
+        scored.append(("_test", args.test, on_test_set(chosen)))
+    written = [results_path]
+    for suffix, beton, runs in scored:
+        table, reference, paired = print_tables(runs, list(variants), scored_on=suffix and beton)
+        results["summary" + suffix] = {name: {m: {"mean": v[0], "std": v[1], "n": v[2]} for m, v in row.items()}
+                                       for name, row in table.items()}
+        results["paired" + suffix] = {"reference": reference, **{
+            name: {m: {"mean": v[0], "std": v[1], "n": v[2], "per_seed": v[3], "p_sign_flip": v[4]}
+                   for m, v in row.items()}
+            for name, row in paired.items()}}
+        png = os.path.join(args.out, f"ablation{suffix}.png")
+        plot_table(table, png, f"{os.path.basename(args.train)} -> {os.path.basename(beton)} | {args.config} "
+                               f"{args.set} | seeds {args.seeds}")
+        written.append(png)
     save_results(results, results_path)
-    png = os.path.join(args.out, "ablation.png")
-    plot_table(table, png, f"{os.path.basename(args.train)} | {args.config} {args.set} | seeds {args.seeds}")
-    print(f"\nwrote {results_path} and {png}", flush=True)
+    print(f"\nwrote {', '.join(written)}", flush=True)
     return results
 
 

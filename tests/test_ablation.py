@@ -201,14 +201,13 @@ def test_the_command_trains_probes_and_records_from_relative_paths(tiny_beton, t
     shutil.copyfile(manifest_path(tiny_beton), manifest_path(str(tmp_path / "tiny.beton")))
     tiny = ("--set=--training.epochs=1 --training.max_steps=2 --data.batch_size=16 --data.image_size=32 "
             "--model.patch_size=8 --masking.min_keep=2")
-    done = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "bench", "ablation.py"), "--config",
-         os.path.relpath(os.path.join(REPO_ROOT, "rn_configs", "cpu_demo.yaml"), tmp_path),
-         "--train", "tiny.beton", "--val", "tiny.beton", "--out", "out", "--seeds", "0",
-         "--variant", "1 level=--model.num_levels=1 --model.level_weights=1.0", tiny,
-         "--probe-set=--eval.epochs=1 --eval.min_steps=1", "--no-progress", "--jobs", "3",
-         "--speed-set=--hardware.num_threads=1 --data.num_workers=1 --eval.num_workers=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, os.path.join(REPO_ROOT, "bench", "ablation.py"), "--config",
+               os.path.relpath(os.path.join(REPO_ROOT, "rn_configs", "cpu_demo.yaml"), tmp_path),
+               "--train", "tiny.beton", "--val", "tiny.beton", "--out", "out", "--seeds", "0",
+               "--variant", "1 level=--model.num_levels=1 --model.level_weights=1.0", tiny,
+               "--probe-set=--eval.epochs=1 --eval.min_steps=1", "--no-progress", "--jobs", "3",
+               "--speed-set=--hardware.num_threads=1 --data.num_workers=1 --eval.num_workers=1"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     with open(tmp_path / "out" / "results.json") as f:
         runs = json.load(f)["runs"]
@@ -218,3 +217,56 @@ def test_the_command_trains_probes_and_records_from_relative_paths(tiny_beton, t
         pixels = json.load(f)
     assert (pixels["encoder"], pixels["feature_dim"]) == ("pixels", 3 * 32 * 32)  # the eval images, flattened
     assert (tmp_path / "out" / "ablation.png").is_file()
+
+    # Given a test beton afterwards, it scores the recorded runs on it and trains nothing again. The
+    # test beton here holds the val images, so the same probes must give the val figures again.
+    shutil.copyfile(tiny_beton, tmp_path / "test.beton")
+    shutil.copyfile(manifest_path(tiny_beton), manifest_path(str(tmp_path / "test.beton")))
+    rerun = subprocess.run([*command, "--test", "test.beton"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "3 recorded, 0 to run, 3 recorded to score on the test beton" in rerun.stdout
+    with open(tmp_path / "out" / "results.json") as f:
+        rescored = json.load(f)
+    for key, run in rescored["runs"].items():
+        assert run["test"] == str(tmp_path / "test.beton")
+        assert (run["test_top1"], run["test_knn_top1"]) == pytest.approx((runs[key]["top1"], runs[key]["knn_top1"]))
+    with open(tmp_path / "out" / "runs" / "1_level-s0" / "train.log") as f:
+        assert f.read().count("$ python hjepa/train.py") == 1  # trained once, by the first command
+    assert "summary_test" in rescored and (tmp_path / "out" / "ablation_test.png").is_file()
+
+
+def test_with_a_test_beton_runs_not_scored_on_it_are_pending_without_retraining():
+    plan = ablation.plan_runs({"1 level": VARIANTS["1 level"]}, [0])
+    scored = {**record("1 level", 0, 70.0, 60.0), "test": "/b/test.beton", "test_top1": 71.0, "test_knn_top1": 61.0}
+    results = {"runs": {ablation.result_key("1 level", 0): scored,
+                        ablation.result_key(ablation.PIXELS, 0): record(ablation.PIXELS, 0, 75.0, 80.0),
+                        ablation.result_key(ablation.RANDOM_INIT, 0): {**scored, "test": "/b/other.beton"}}}
+    assert ablation.pending(plan, results) == []  # no --test: everything is recorded
+    assert ablation.pending(plan, results, "/b/test.beton") == [(ablation.RANDOM_INIT, 0), (ablation.PIXELS, 0)]
+
+
+def test_test_set_tables_read_the_test_scores_of_the_runs_that_have_them():
+    runs = {ablation.result_key("1 level", 0): {**record("1 level", 0, 70.0, 60.0), "test": "/b/t.beton",
+                                                "test_top1": 72.5, "test_knn_top1": 65.0},
+            ablation.result_key("1 level", 1): record("1 level", 1, 68.0, 58.0)}
+    tested = ablation.on_test_set(runs)
+    assert list(tested) == [ablation.result_key("1 level", 0)]
+    assert (tested[ablation.result_key("1 level", 0)]["top1"], tested[ablation.result_key("1 level", 0)]["knn_top1"]) \
+        == (72.5, 65.0)
+    runs[ablation.result_key("1 level", 1)].update(test="/b/other.beton", test_top1=1.0, test_knn_top1=1.0)
+    with pytest.raises(UserError, match="different test betons"):
+        ablation.on_test_set(runs)
+
+
+def test_report_prints_the_test_set_tables_of_runs_scored_on_one(tmp_path, capsys):
+    def scored(variant, seed, top1, test_top1):
+        return {**record(variant, seed, top1, 50.0), "test": "/b/test.beton", "test_top1": test_top1,
+                "test_knn_top1": 55.0}
+    write_results(tmp_path / "a", {ablation.result_key(v, s): scored(v, s, top1, top1 + 10 * s)
+                                   for s in (0, 1) for v, top1 in (("1 level", 70.0), ("2 levels", 71.0))})
+    ablation.main(["--report", str(tmp_path / "a")])
+    val_tables, test_tables = capsys.readouterr().out.split("scored on /b/test.beton")
+    val_row = next(line for line in val_tables.splitlines() if line.startswith("1 level"))
+    test_row = next(line for line in test_tables.splitlines() if line.startswith("1 level"))
+    assert "70.0" in val_row and "75.0" in test_row  # seeds 0 and 1: test 70 and 80
