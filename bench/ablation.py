@@ -279,10 +279,13 @@ def plot_table(table, path, title):
 
 def save_results(results, path):
     """Atomic rewrite; runs that another ablation process on the same folder recorded meanwhile are
-    kept (processes may share a folder if they run different seeds or variants)."""
+    kept (processes may share a folder if they run different seeds or variants), and so are the fields
+    it added to a run both hold (test scores: one process may score on --test what another trained)."""
     if os.path.isfile(path):
         with open(path) as f:
-            results["runs"] = {**json.load(f).get("runs", {}), **results["runs"]}
+            on_disk = json.load(f).get("runs", {})
+        results["runs"] = {**on_disk, **{key: {**on_disk.get(key, {}), **record}
+                                         for key, record in results["runs"].items()}}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({k: v for k, v in results.items() if k != "path"}, f, indent=2)

@@ -183,6 +183,17 @@ def test_saving_keeps_runs_another_process_recorded_in_the_same_folder(tmp_path)
         assert sorted(json.load(f)["runs"]) == ["1 level|0", "1 level|1"]
 
 
+def test_saving_keeps_the_test_scores_another_process_added_to_a_run_we_hold_without_them(tmp_path):
+    path = str(tmp_path / "results.json")
+    trained = record("1 level", 0, 70.0, 60.0)
+    ablation.save_results({"runs": {"1 level|0": {**trained, "test": "/b/t.beton", "test_top1": 69.0,
+                                                  "test_knn_top1": 58.0}}}, path)
+    ablation.save_results({"runs": {"1 level|0": dict(trained)}}, path)  # a process that loaded it earlier
+    with open(path) as f:
+        assert json.load(f)["runs"]["1 level|0"] == {**trained, "test": "/b/t.beton", "test_top1": 69.0,
+                                                     "test_knn_top1": 58.0}
+
+
 @pytest.mark.parametrize("name, count", [("recipe_screen.yaml", 6), ("recipe_sweep.yaml", 20)])
 def test_the_shipped_variant_files_are_valid_overrides_of_the_cpu_recipe(name, count):
     from hjepa.config import load_config
