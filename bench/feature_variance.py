@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script, this file's siblings import as bench.<module> from the root
     sys.path.insert(0, REPO)
 
-from bench.ablation import mean_std_n  # noqa: E402 (after the path set-up)
+from bench.seed_stats import mean_std_n  # noqa: E402 (after the path set-up)
 from hjepa import probe  # noqa: E402
 from hjepa.checkpoint import encoder_from_checkpoint, load_training_checkpoint  # noqa: E402
 from hjepa.errors import UserError, exit_on_user_error  # noqa: E402
@@ -145,8 +145,8 @@ def image_colours(loader):
 
 
 def summarise(rows):
-    """{group: {share: [mean, std]}} over the rows named <group>-s<seed> (ablation's mean_std_n: sample
-    std, 0 for a single seed)."""
+    """{group: {share: [mean, std]}} over the rows named <group>-s<seed> (bench/seed_stats.py's
+    mean_std_n: sample std, 0 for a single seed)."""
     groups = {}
     for row in rows:
         group = group_of(row["name"])

@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script, this file's siblings import as bench.<module> from the root
     sys.path.insert(0, REPO)
 
-from bench import ablation  # noqa: E402 (after the path set-up)
+from bench import ablation, seed_stats  # noqa: E402 (after the path set-up)
 from hjepa import schedules  # noqa: E402
 from hjepa.beton import read_manifest  # noqa: E402
 from hjepa.checkpoint import save_checkpoint  # noqa: E402
@@ -202,10 +202,10 @@ def run_seed(seed, *, args, cfg, settings, num_classes, runs_dir):
 
 def summary_table(runs):
     """{name: {metric: (mean, std, n)}} of the random-init and supervised records, seeds pooled."""
-    table = ablation.summarize(runs, [ablation.RANDOM_INIT, SUPERVISED])
+    table = seed_stats.summarize(runs, [ablation.RANDOM_INIT, SUPERVISED])
     heads = [r["head_top1"] for k, r in runs.items() if k.rsplit("|", 1)[0] == SUPERVISED]
     if heads:
-        table[SUPERVISED]["head_top1"] = ablation.mean_std_n(heads)
+        table[SUPERVISED]["head_top1"] = seed_stats.mean_std_n(heads)
     return table
 
 

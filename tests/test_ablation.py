@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from bench import seed_stats
 from conftest import REPO_ROOT
 from hjepa.beton import manifest_path
 from hjepa.config import load_config
@@ -65,7 +66,7 @@ def test_recorded_runs_with_other_base_settings_are_refused():
 def test_summary_is_mean_and_sample_std_over_seeds():
     runs = {ablation.result_key("1 level", s): record("1 level", s, top1, 50.0) for s, top1 in enumerate([70.0, 72.0, 74.0])}
     runs[ablation.result_key("2 levels", 0)] = record("2 levels", 0, 80.0, 60.0)
-    table = ablation.summarize(runs, ["1 level", "2 levels", "3 levels"])
+    table = seed_stats.summarize(runs, ["1 level", "2 levels", "3 levels"])
     assert table["1 level"]["top1"] == pytest.approx((72.0, 2.0, 3))
     assert table["2 levels"]["knn_top1"] == (60.0, 0.0, 1)
     assert "3 levels" not in table
@@ -75,13 +76,13 @@ def test_paired_differences_subtract_the_reference_at_the_seeds_both_have():
     runs = {ablation.result_key("1 level", s): record("1 level", s, top1, 50.0) for s, top1 in enumerate([70.0, 72.0, 74.0])}
     runs.update({ablation.result_key("2 levels", s): record("2 levels", s, top1, 52.0) for s, top1 in [(0, 71.0), (2, 78.0)]})
     runs[ablation.result_key("3 levels", 5)] = record("3 levels", 5, 90.0, 90.0)  # no seed in common
-    table = ablation.paired_differences(runs, ["1 level", "2 levels", "3 levels"], "1 level")
+    table = seed_stats.paired_differences(runs, ["1 level", "2 levels", "3 levels"], "1 level")
     assert list(table) == ["2 levels"]
     mean, std, n, per_seed, _ = table["2 levels"]["top1"]
     assert (mean, n, per_seed) == (2.5, 2, {0: 1.0, 2: 4.0})
     assert std == pytest.approx(2.1213203)  # sample std of (1, 4)
     assert table["2 levels"]["knn_top1"][:3] == (2.0, 0.0, 2)
-    assert "+2.5" in ablation.format_table(table, signed=True)
+    assert "+2.5" in seed_stats.format_table(table, signed=True)
     assert table["2 levels"]["top1"][4] == 0.5  # of (±1, ±4) only +1+4 and -1-4 reach |sum| 5
 
 
@@ -93,15 +94,15 @@ def test_paired_differences_subtract_the_reference_at_the_seeds_both_have():
     ([0.5], 1.0),
 ])
 def test_sign_flip_p_is_the_share_of_sign_assignments_at_least_as_extreme(differences, p):
-    assert ablation.sign_flip_p(differences) == pytest.approx(p)
+    assert seed_stats.sign_flip_p(differences) == pytest.approx(p)
 
 
 def test_sign_flip_p_of_many_seeds_samples_assignments_close_to_the_exact_value():
     differences = [float(d) for d in np.random.default_rng(3).normal(0.5, 1.0, size=17)]
     signs = 1 - 2 * ((np.arange(2 ** 17)[:, None] >> np.arange(17)) & 1)  # every assignment of 17 seeds
     exact = np.mean(np.abs(signs @ differences) >= abs(sum(differences)) - 1e-9)
-    assert ablation.sign_flip_p(differences) == ablation.sign_flip_p(differences)  # a fixed generator
-    assert ablation.sign_flip_p(differences) == pytest.approx(exact, abs=0.005)
+    assert seed_stats.sign_flip_p(differences) == seed_stats.sign_flip_p(differences)  # a fixed generator
+    assert seed_stats.sign_flip_p(differences) == pytest.approx(exact, abs=0.005)
 
 
 def write_results(folder, runs, train="a.beton", set_=""):
