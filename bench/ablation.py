@@ -172,14 +172,14 @@ def pending(plan, results, test=None):
 
 
 def on_test_set(runs):
-    """The runs that were scored on a test beton, with those scores as their top1 / knn_top1, so the
-    summary and paired tables read them; UserError if they were scored on different betons."""
+    """(test beton or None, the runs scored on it with those scores as their top1 / knn_top1, so the
+    summary and paired tables read them); UserError if they were scored on different betons."""
     tests = {record["test"] for record in runs.values() if "test" in record}
     if len(tests) > 1:
         raise UserError(f"the runs were scored on different test betons ({', '.join(sorted(tests))}): "
                         "rerun the command with one --test")
-    return {key: {**record, "top1": record["test_top1"], "knn_top1": record["test_knn_top1"]}
-            for key, record in runs.items() if "test" in record}
+    return next(iter(tests), None), {key: {**record, "top1": record["test_top1"], "knn_top1": record["test_knn_top1"]}
+                                     for key, record in runs.items() if "test" in record}
 
 
 def plot_table(table, path, title):
@@ -363,9 +363,9 @@ def main(argv=None):
     if args.report:
         runs, variants = merged_runs(args.report)
         tables = print_tables(runs, variants)
-        tested = on_test_set(runs)
+        test, tested = on_test_set(runs)
         if tested:
-            print_tables(tested, variants, scored_on=next(iter(tested.values()))["test"])
+            print_tables(tested, variants, scored_on=test)
         return tables
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = parse_variants(args.variant, args.variants)
@@ -425,7 +425,7 @@ def main(argv=None):
     chosen = {k: v for k, v in results["runs"].items() if int(k.rsplit("|", 1)[1]) in seeds}
     scored = [("", args.val, chosen)]
     if args.test:  # every chosen run now carries a score on this test beton
-        scored.append(("_test", args.test, on_test_set(chosen)))
+        scored.append(("_test", args.test, on_test_set(chosen)[1]))
     written = [results_path]
     for suffix, beton, runs in scored:
         table, reference, paired = print_tables(runs, list(variants), scored_on=suffix and beton)

@@ -262,7 +262,8 @@ def test_test_set_tables_read_the_test_scores_of_the_runs_that_have_them():
     runs = {ablation.result_key("1 level", 0): {**record("1 level", 0, 70.0, 60.0), "test": "/b/t.beton",
                                                 "test_top1": 72.5, "test_knn_top1": 65.0},
             ablation.result_key("1 level", 1): record("1 level", 1, 68.0, 58.0)}
-    tested = ablation.on_test_set(runs)
+    test, tested = ablation.on_test_set(runs)
+    assert test == "/b/t.beton"
     assert list(tested) == [ablation.result_key("1 level", 0)]
     assert (tested[ablation.result_key("1 level", 0)]["top1"], tested[ablation.result_key("1 level", 0)]["knn_top1"]) \
         == (72.5, 65.0)
