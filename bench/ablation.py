@@ -336,7 +336,10 @@ def merged_runs(folders):
         for key, record in results.get("runs", {}).items():
             name = key.rsplit("|", 1)[0]
             if key in runs and name in BASELINES and all(runs[key][m] == record[m] for m in ("top1", "knn_top1")):
-                continue  # every folder probes the baselines at its seeds: the same measurement, kept once
+                # Every folder probes the baselines at its seeds: the same measurement, kept once, with the
+                # test-beton scores of whichever folder scored it there (the first folder's, if both did).
+                runs[key] = {**record, **runs[key]}
+                continue
             if key in runs:
                 raise UserError(f"{folder} records {key} again: a (variant, seed) may come from one folder only")
             if overrides.setdefault(name, record.get("overrides")) != record.get("overrides"):

@@ -137,6 +137,11 @@ def test_report_refuses_folders_of_other_betons_or_a_seed_recorded_twice(tmp_pat
     write_results(tmp_path / "e", {**baseline, **runs})
     merged, _ = ablation.merged_runs([str(tmp_path / "d"), str(tmp_path / "e")])
     assert len(merged) == 3
+    # ... and where only the later folder scored it on a test beton, the merged record keeps those scores.
+    tested = {"test": "/b/t.beton", "test_top1": 58.0, "test_knn_top1": 39.0}
+    write_results(tmp_path / "g", {key: {**r, **tested} for key, r in baseline.items()})
+    merged, _ = ablation.merged_runs([str(tmp_path / "d"), str(tmp_path / "g")])
+    assert merged[ablation.result_key(ablation.RANDOM_INIT, 0)]["test_top1"] == 58.0
     write_results(tmp_path / "f", {ablation.result_key(ablation.RANDOM_INIT, 0): record(ablation.RANDOM_INIT, 0, 61.0, 40.0)})
     with pytest.raises(UserError, match="again"):
         ablation.merged_runs([str(tmp_path / "d"), str(tmp_path / "f")])
