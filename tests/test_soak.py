@@ -1,10 +1,19 @@
-"""Issue 8 item 5: the train loader runs many epochs in one process, some abandoned midway, without
-growing its memory or leaking FFCV's threads (upstream #345, #393: an abandoned EpochIterator stays alive)."""
+"""The train loader runs many epochs in one process, some abandoned midway, without growing its memory or
+leaking FFCV's threads (upstream ffcv #345, #393: an abandoned EpochIterator stays alive)."""
 import gc
 import os
 import threading
 
+import numba
+
 from hjepa.loaders import DataConfig, build_train_loader
+
+# numba's parallel decoding runs on TBB here (numba.threading_layer()), whose worker pool, sized by numba's
+# thread count, grows lazily and retires workers on its own schedule: each epoch's FFCV thread is a new TBB
+# caller, and now and then a second worker appears for a few epochs (seen here: 1 to 2 extra workers, at
+# epochs from 6 to 123, idle ones kept for over a minute). That pool is bounded; a leak grows with the epochs.
+NATIVE_POOL_SLACK = numba.config.NUMBA_NUM_THREADS
+ABANDONED_EPOCHS = NATIVE_POOL_SLACK + 6  # more than the slack, so a thread leaked per epoch cannot hide in it
 
 
 def resident_bytes():
@@ -12,21 +21,23 @@ def resident_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def thread_counts():
-    return threading.active_count(), len(os.listdir("/proc/self/task"))
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
 
 
-def test_loader_runs_24_epochs_without_growing_memory_or_threads(tiny_beton):
+def test_loader_runs_many_epochs_without_growing_memory_or_threads(tiny_beton):
+    epochs = 3 + 3 * ABANDONED_EPOCHS  # every third epoch from epoch 4 on is abandoned after its third batch
     with build_train_loader(DataConfig(train_dataset=tiny_beton, batch_size=8, num_workers=2, image_size=32)) as loader:
-        for epoch in range(24):
+        for epoch in range(epochs):
             for batch, (images, _, _) in enumerate(loader.epoch(epoch)):
                 images.float().mean()  # touch the pixels, as a consumer would
                 if epoch % 3 == 1 and batch == 2:
                     break  # abandoned midway: the loader must stop FFCV's thread
             if epoch == 2:
                 gc.collect()
-                rss_early, threads_early = resident_bytes(), thread_counts()
+                rss_early, python_threads_early, os_threads_early = resident_bytes(), threading.active_count(), os_threads()
         gc.collect()
-        rss_late, threads_late = resident_bytes(), thread_counts()
+        rss_late, python_threads_late, os_threads_late = resident_bytes(), threading.active_count(), os_threads()
     assert rss_late <= 1.05 * rss_early, (rss_early, rss_late)
-    assert threads_late[0] <= threads_early[0] and threads_late[1] <= threads_early[1], (threads_early, threads_late)
+    assert python_threads_late <= python_threads_early, (python_threads_early, python_threads_late)
+    assert os_threads_late <= os_threads_early + NATIVE_POOL_SLACK, (os_threads_early, os_threads_late)
