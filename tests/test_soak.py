@@ -10,8 +10,9 @@ from hjepa.loaders import DataConfig, build_train_loader
 
 # numba's parallel decoding runs on TBB here (numba.threading_layer()), whose worker pool, sized by numba's
 # thread count, grows lazily and retires workers on its own schedule: each epoch's FFCV thread is a new TBB
-# caller, and now and then a second worker appears for a few epochs (seen here: 1 to 2 extra workers, at
-# epochs from 6 to 123, idle ones kept for over a minute). That pool is bounded; a leak grows with the epochs.
+# caller, and now and then one more worker appears (on a 2-core VM: one extra thread, first seen at epoch 6
+# in one run and 123 in another, gone a few epochs later, yet kept for over a minute by an idle process).
+# That pool is bounded; a leak grows with the epochs.
 NATIVE_POOL_SLACK = numba.config.NUMBA_NUM_THREADS
 ABANDONED_EPOCHS = NATIVE_POOL_SLACK + 6  # more than the slack, so a thread leaked per epoch cannot hide in it
 
