@@ -36,9 +36,10 @@ def test_loader_runs_many_epochs_without_growing_memory_or_threads(tiny_beton):
                     break  # abandoned midway: the loader must stop FFCV's thread
             if epoch == 2:
                 gc.collect()
-                rss_early, python_threads_early, os_threads_early = resident_bytes(), threading.active_count(), os_threads()
+                rss_early, os_threads_early = resident_bytes(), os_threads()
+                python_threads_early = threading.active_count()
         gc.collect()
-        rss_late, python_threads_late, os_threads_late = resident_bytes(), threading.active_count(), os_threads()
+        rss_late, os_threads_late, python_threads_late = resident_bytes(), os_threads(), threading.active_count()
     assert rss_late <= 1.05 * rss_early, (rss_early, rss_late)
     assert python_threads_late <= python_threads_early, (python_threads_early, python_threads_late)
     assert os_threads_late <= os_threads_early + NATIVE_POOL_SLACK, (os_threads_early, os_threads_late)
