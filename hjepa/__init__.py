@@ -22,6 +22,8 @@ class _PlainDictForFfcvImageModes(importlib.abc.MetaPathFinder):
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
+        if spec is None or not hasattr(spec.loader, "exec_module"):  # another ffcv: import it as it is
+            return spec
         run_module = spec.loader.exec_module
 
         def exec_module(module):
