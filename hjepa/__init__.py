@@ -3,11 +3,11 @@
 Importing this package makes every later `import ffcv` about 5 s cheaper. ffcv 1.0.2's
 ffcv/fields/rgb_image.py fills a numba typed Dict when it is imported (IMAGE_MODES = {"jpg": 0,
 "raw": 1}), and numba compiles a typed dict's methods again in every process (numba issue #5713:
-4.7 s of each process's start on a 2-core VM, paid by every CLI, worker and test subprocess). FFCV
+4.7 s of each process's start on a 2-core VM: every CLI, torchrun rank and test subprocess). FFCV
 reads IMAGE_MODES from Python only (its decoders' generate_code and its writer; compiled code gets
 the two ints), so a plain dict does the same job. The hook below swaps numba.typed.Dict for dict
-while that one module runs, puts it back, and removes itself. Nothing is imported here: processes
-that never touch ffcv pay nothing.
+while that one module runs, puts it back, and removes itself. It imports nothing but importlib:
+processes that never touch ffcv pay nothing.
 """
 import importlib.abc
 import importlib.util
