@@ -73,6 +73,8 @@ def _declare_sections(cfg):
                       "image's mean context embedding; 0 = off (I-JEPA)", default=0.0),
         cov_weight=_p(Number(0.0), "weight of VICReg's covariance term (squared off-diagonal covariances / D) on "
                       "the same embeddings; 0 = off", default=0.0),
+        target_blocks=_p(Integer(1), "the final-depth target is the mean of the last K target-encoder blocks' "
+                         "layer-normed outputs (data2vec); 1 = the final block only (I-JEPA)", default=1),
     )
     section("masking", "I-JEPA multi-block masks on the patch grid").params(
         num_targets=_p(Integer(1, 16), "target blocks per image", default=4),

@@ -23,6 +23,9 @@ top level of a deep enough hierarchy, a window as large as the grid, is the imag
 average-pooled representation a linear probe reads). Needs `level_heads`: one read-out cannot be both
 a patch and the mean of its window.
 
+`target_blocks` K > 1 replaces the final-depth target by data2vec's: the mean of the last K target-encoder
+blocks' layer-normed outputs, layer-normed again (the levels pool it as they pool I-JEPA's).
+
 `var_weight` / `cov_weight` add VICReg's variance and covariance terms (`variance_covariance`) on each
 image's mean context embedding: an option for recipes, off by default (I-JEPA has neither).
 
@@ -175,7 +178,7 @@ class LevelHeads(nn.Module):
 
 class HJEPA(nn.Module):
     def __init__(self, context_encoder, predictor, *, level_weights, level_depths, loss, level_heads=None,
-                 normalize_levels=True, level_windows="block", var_weight=0.0, cov_weight=0.0):
+                 normalize_levels=True, level_windows="block", var_weight=0.0, cov_weight=0.0, target_blocks=1):
         super().__init__()
         self.context_encoder = context_encoder
         self.target_encoder = copy.deepcopy(context_encoder)
@@ -193,6 +196,7 @@ class HJEPA(nn.Module):
         # A buffer so the weighted mean needs no host-to-device copy each step; not part of any checkpoint.
         self.register_buffer("level_weight_tensor", torch.tensor(self.level_weights), persistent=False)
         self.level_depths = list(level_depths)  # 1-based target-encoder block per level
+        self.target_blocks = target_blocks  # final-depth targets average this many last blocks (data2vec)
         self.loss_name = loss
         self.normalize_levels = normalize_levels
         self.level_windows = level_windows
@@ -219,16 +223,21 @@ class HJEPA(nn.Module):
 
         The final depth is the encoder output after its own norm, then layer_norm without affine over
         D, exactly I-JEPA's `F.layer_norm(target_encoder(imgs), (D,))`; intermediate depths layer-norm
-        the residual stream after that block.
+        the residual stream after that block. With `target_blocks` K > 1 the final depth's target is
+        data2vec's instead: the mean of the last K blocks' layer-normed outputs (the final one as
+        above), layer-normed again so that it keeps a unit scale per token.
         """
         encoder = self.target_encoder
-        if all(d == encoder.depth for d in self.level_depths):
-            outputs = {encoder.depth: encoder.forward_features(images)}  # (B, N, D)
-        else:
-            blocks = encoder.forward_blocks(images)  # depth x (B, N, D)
-            outputs = {d: blocks[d - 1] for d in self.level_depths}
-            outputs[encoder.depth] = encoder.norm(blocks[-1])  # always present: the collapse monitor reads it
-        return {d: F.layer_norm(h, h.shape[-1:]) for d, h in outputs.items()}
+        if self.target_blocks == 1 and all(d == encoder.depth for d in self.level_depths):
+            final = encoder.forward_features(images)  # (B, N, D)
+            return {encoder.depth: F.layer_norm(final, final.shape[-1:])}
+        blocks = encoder.forward_blocks(images)  # depth x (B, N, D)
+        normed = [F.layer_norm(h, h.shape[-1:]) for h in (*blocks[:-1], encoder.norm(blocks[-1]))]
+        features = {d: normed[d - 1] for d in self.level_depths}
+        final = torch.stack(normed[-self.target_blocks:]).mean(dim=0)
+        # always present: the collapse monitor reads it
+        features[encoder.depth] = final if self.target_blocks == 1 else F.layer_norm(final, final.shape[-1:])
+        return features
 
     def forward(self, images, ctx_idx, tgt_idx, tgt_pos):
         """images (B, 3, H, W) normalised; ctx_idx (B, Nc); tgt_idx (T, B, Nt); tgt_pos (Nt, 2) the
@@ -350,6 +359,7 @@ class ModelConfig:
     level_windows: str = "block"      # "block": windows inside each target block; "grid": on the patch grid
     var_weight: float = 0.0           # VICReg variance term on the mean context embedding per image
     cov_weight: float = 0.0           # VICReg covariance term, likewise
+    target_blocks: int = 1            # final-depth target: mean of the last K blocks' outputs (data2vec); 1 = I-JEPA
 
     def __post_init__(self):
         # Lists from YAML, JSON or a checkpoint become tuples: the config stays hashable and comparable.
@@ -376,6 +386,8 @@ class ModelConfig:
         if self.level_windows == "grid" and not self.level_heads:
             raise UserError("model.level_windows=grid needs model.level_heads=1: one read-out per patch cannot "
                             "be both the patch's target and the mean of its window")
+        if self.target_blocks < 1:
+            raise UserError(f"model.target_blocks must be at least 1 (1 = the final block only), got {self.target_blocks}")
         if self.loss not in LOSSES:
             raise UserError(f"model.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 
@@ -398,6 +410,9 @@ def build_model(config):
     context_encoder = build_encoder(config.arch, patch_size=config.patch_size, image_size=config.image_size,
                                     drop_path=config.drop_path)
     depths = _level_depths(list(config.level_depths), config.num_levels, context_encoder.depth)
+    if config.target_blocks > context_encoder.depth:
+        raise UserError(f"model.target_blocks={config.target_blocks} averages more blocks than {config.arch} has "
+                        f"({context_encoder.depth})")
     predictor = Predictor(grid_size=context_encoder.grid_size, embed_dim=context_encoder.embed_dim,
                           predictor_embed_dim=config.predictor_embed_dim, depth=config.predictor_depth,
                           num_heads=config.predictor_num_heads)
@@ -408,7 +423,7 @@ def build_model(config):
     model = HJEPA(context_encoder, predictor, level_weights=config.level_weights, level_depths=depths,
                   loss=config.loss, level_heads=level_heads, normalize_levels=config.normalize_levels,
                   level_windows=config.level_windows, var_weight=config.var_weight,
-                  cov_weight=config.cov_weight)
+                  cov_weight=config.cov_weight, target_blocks=config.target_blocks)
     model.config = config
     model.model_config = config.as_record()
     return model

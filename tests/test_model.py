@@ -165,6 +165,8 @@ def test_a_checkpoint_written_before_a_model_key_existed_matches_the_default_arc
     (dict(num_levels=1, level_weights=[1.0], loss="l1"), "loss"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_windows="grid"), "level_heads"),
     (dict(num_levels=2, level_weights=[1.0, 0.5], level_windows="image", level_heads=True), "level_windows"),
+    (dict(num_levels=1, level_weights=[1.0], target_blocks=0), "target_blocks"),
+    (dict(num_levels=1, level_weights=[1.0], target_blocks=13), "target_blocks"),
 ])
 def test_inconsistent_level_settings_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -197,6 +197,23 @@ def test_level_depths_take_targets_from_intermediate_blocks_through_heads():
     assert model.level_heads.heads[0].weight.grad.abs().sum() > 0
 
 
+def test_target_blocks_average_the_last_blocks_layer_normed_outputs_like_data2vec():
+    torch.manual_seed(0)
+    ijepa = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0]))
+    data2vec = build_model(ModelConfig(**SMALL_MODEL, num_levels=1, level_weights=[1.0], target_blocks=3))
+    data2vec.target_encoder.load_state_dict(ijepa.target_encoder.state_dict())
+    images = make_batch()[0]
+    encoder = ijepa.target_encoder
+    blocks = encoder.forward_blocks(images)  # 12 x (B, N, 192)
+    final = F.layer_norm(encoder.norm(blocks[-1]), (192,))
+    torch.testing.assert_close(ijepa.target_grid_features(images), {12: final})  # I-JEPA's target, unchanged
+    mean_of_three = (F.layer_norm(blocks[9], (192,)) + F.layer_norm(blocks[10], (192,)) + final) / 3
+    expected = F.layer_norm(mean_of_three, (192,))
+    torch.testing.assert_close(data2vec.target_grid_features(images), {12: expected})
+    assert not torch.allclose(expected, final, atol=1e-2)
+    assert torch.allclose(expected.std(dim=-1, unbiased=False), torch.ones(()), atol=1e-3)  # unit scale per token
+
+
 def test_level_heads_give_each_coarse_level_its_own_read_out_at_the_final_depth():
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SMALL_MODEL, num_levels=3, level_weights=[1.0, 0.5, 0.25], level_heads=True))
