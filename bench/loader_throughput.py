@@ -28,6 +28,7 @@ import json
 import os
 import time
 
+import hjepa  # noqa: F401  (before ffcv: its import hook spares every run numba's typed-dict compile)
 import cv2
 import numpy as np
 import torch
