@@ -232,9 +232,12 @@ class HJEPA(nn.Module):
             final = encoder.forward_features(images)  # (B, N, D)
             return {encoder.depth: F.layer_norm(final, final.shape[-1:])}
         blocks = encoder.forward_blocks(images)  # depth x (B, N, D)
-        normed = [F.layer_norm(h, h.shape[-1:]) for h in (*blocks[:-1], encoder.norm(blocks[-1]))]
-        features = {d: normed[d - 1] for d in self.level_depths}
-        final = torch.stack(normed[-self.target_blocks:]).mean(dim=0)
+        averaged = range(encoder.depth - self.target_blocks + 1, encoder.depth + 1)
+        needed = set(self.level_depths) | set(averaged)
+        normed = {d: F.layer_norm(h, h.shape[-1:]) for d, h in
+                  enumerate((*blocks[:-1], encoder.norm(blocks[-1])), start=1) if d in needed}
+        features = {d: normed[d] for d in self.level_depths}
+        final = torch.stack([normed[d] for d in averaged]).mean(dim=0)
         # always present: the collapse monitor reads it
         features[encoder.depth] = final if self.target_blocks == 1 else F.layer_norm(final, final.shape[-1:])
         return features
