@@ -236,11 +236,11 @@ class HJEPA(nn.Module):
         needed = set(self.level_depths) | set(averaged)
         normed = {d: F.layer_norm(h, h.shape[-1:]) for d, h in
                   enumerate((*blocks[:-1], encoder.norm(blocks[-1])), start=1) if d in needed}
-        features = {d: normed[d] for d in self.level_depths}
-        final = torch.stack([normed[d] for d in averaged]).mean(dim=0)
-        # always present: the collapse monitor reads it
-        features[encoder.depth] = final if self.target_blocks == 1 else F.layer_norm(final, final.shape[-1:])
-        return features
+        if self.target_blocks > 1:
+            mean = torch.stack([normed[d] for d in averaged]).mean(dim=0)
+            normed[encoder.depth] = F.layer_norm(mean, mean.shape[-1:])
+        # the final depth is always returned: the collapse monitor reads it
+        return {d: normed[d] for d in (*self.level_depths, encoder.depth)}
 
     def forward(self, images, ctx_idx, tgt_idx, tgt_pos):
         """images (B, 3, H, W) normalised; ctx_idx (B, Nc); tgt_idx (T, B, Nt); tgt_pos (Nt, 2) the
@@ -390,7 +390,8 @@ class ModelConfig:
             raise UserError("model.level_windows=grid needs model.level_heads=1: one read-out per patch cannot "
                             "be both the patch's target and the mean of its window")
         if self.target_blocks < 1:
-            raise UserError(f"model.target_blocks must be at least 1 (1 = the final block only), got {self.target_blocks}")
+            raise UserError(f"model.target_blocks must be at least 1 (1 = the final block only), "
+                            f"got {self.target_blocks}")
         if self.loss not in LOSSES:
             raise UserError(f"model.loss {self.loss!r} is not one of {', '.join(LOSSES)}")
 
